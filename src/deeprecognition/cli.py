@@ -1,0 +1,161 @@
+"""`deeprec`: argument parsing and printing only; each command calls one library function."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable
+
+from deeprecognition.errors import DeepRecError
+
+log = logging.getLogger("deeprecognition")
+
+
+def _synth(args: argparse.Namespace) -> int:
+    from deeprecognition.celeba.synthetic import write_synthetic
+
+    ann = write_synthetic(args.dest, n=args.n, seed=args.seed, progress=sys.stderr.isatty())
+    print(f"wrote {len(ann)} synthetic CelebA images and annotations to {args.dest}")
+    return 0
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from deeprecognition.shards.encode import ImageFormat
+    from deeprecognition.shards.pack import PackOptions, pack
+
+    options = PackOptions(
+        image=ImageFormat(size=args.size, resize=args.resize, encoding=args.format, quality=args.quality),
+        split=args.split,
+        seed=args.seed,
+        samples_per_shard=args.samples_per_shard,
+        allow_missing=args.allow_missing,
+        strict=args.strict,
+        num_workers=args.num_workers,
+    )
+    report = pack(args.src, args.dest, options, progress=not args.quiet)
+    m = report.manifest
+    if report.up_to_date:
+        print(f"{args.dest} is already packed from this source with these options: nothing to do")
+    counts = ", ".join(f"{split} {info.samples} in {len(info.shards)} shards" for split, info in m.splits.items())
+    print(f"packed {counts} into {args.dest} ({report.built} shards built, {report.kept} kept from an earlier run)")
+    if m.skipped["missing"]:
+        print(f"{m.skipped['missing']} listed images were absent and skipped (--allow-missing)")
+    if m.skipped["undecodable"]:
+        print(f"{m.skipped['undecodable']} images did not decode and were skipped: {', '.join(m.skipped['undecodable_files'][:10])}")
+    if not report.up_to_date:
+        print(f"{report.images_per_s:.0f} images/s over {report.seconds:.1f} s")
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from deeprecognition.shards.verify import verify
+
+    report = verify(args.data, num_workers=args.num_workers)
+    for p in report.problems:
+        print(f"BAD {p.shard}: {p.problem}")
+    status = "OK" if report.ok else f"{len(report.problems)} bad shard(s)"
+    print(f"{status}: checked {report.shards} shards, {report.samples} samples in {args.data}")
+    return 0 if report.ok else 1
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from deeprecognition.shards.stats import dataset_stats, format_table, stats_json
+
+    stats = dataset_stats(args.data, plot=args.plot)
+    print(json.dumps(stats_json(stats), indent=1) if args.json else format_table(stats))
+    if args.plot and not args.json:
+        print(f"plot written to {args.plot}")
+    return 0
+
+
+def _bench(args: argparse.Namespace) -> int:
+    from deeprecognition.bench import bench_loader, bench_pack
+
+    if args.what == "loader":
+        result = bench_loader(args.data, num_workers=args.num_workers, limit=args.limit)
+    else:
+        result = bench_pack(args.data, limit=args.limit)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        for key, value in result.items():
+            print(f"{key:>28}: {value}")
+    return 0
+
+
+def _add_storage_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL); credentials come from the standard AWS chain")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deeprec", description="DeepRecognition: CelebA face attributes and face GANs on Ray.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("synth", help="write a synthetic CelebA in torchvision's layout")
+    p.add_argument("dest")
+    p.add_argument("--n", type=int, default=2000, help="number of images [2000]")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_synth)
+
+    p = sub.add_parser("pack", help="pack CelebA (any layout) into WebDataset shards + manifest.json")
+    p.add_argument("src", help="CelebA root: torchvision, Google-Drive or Kaggle layout, local or s3://")
+    p.add_argument("dest", help="dataset folder: local path or s3://bucket/prefix")
+    p.add_argument("--size", type=int, default=128, help="stored image side in pixels [128]")
+    p.add_argument("--resize", choices=["squash", "center-crop"], default="squash")
+    p.add_argument("--format", choices=["jpg", "png", "npy"], default="jpg")
+    p.add_argument("--quality", type=int, default=95, help="JPEG quality [95]")
+    p.add_argument("--split", choices=["official", "random"], default="official", help="random: seeded 60/20/20")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--samples-per-shard", type=int, default=5000)
+    p.add_argument("--allow-missing", action="store_true", help="pack the listed images that exist, count the rest")
+    p.add_argument("--strict", action="store_true", help="fail on an image that does not decode instead of skipping it")
+    p.add_argument("--num-workers", type=int, default=None, help="concurrent shard tasks [all cores]")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    _add_storage_args(p)
+    p.set_defaults(run=_pack)
+
+    p = sub.add_parser("verify", help="re-read every shard and check it against the manifest")
+    p.add_argument("data")
+    p.add_argument("--num-workers", type=int, default=os.cpu_count() or 1)
+    _add_storage_args(p)
+    p.set_defaults(run=_verify)
+
+    p = sub.add_parser("stats", help="per-split attribute distribution")
+    p.add_argument("data")
+    p.add_argument("--plot", help="write a bar chart PNG here (local path or s3://)")
+    p.add_argument("--json", action="store_true")
+    _add_storage_args(p)
+    p.set_defaults(run=_stats)
+
+    p = sub.add_parser("bench", help="throughput benchmarks with their baselines")
+    p.add_argument("what", choices=["pack", "loader"])
+    p.add_argument("data", help="loader: a packed dataset; pack: a CelebA source")
+    p.add_argument("--num-workers", type=int, default=0, help="loader: DataLoader workers [0 = this process, one core]")
+    p.add_argument("--limit", type=int, default=5000, help="images to measure [5000]")
+    p.add_argument("--json", action="store_true")
+    _add_storage_args(p)
+    p.set_defaults(run=_bench)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if getattr(args, "endpoint_url", None):
+        from deeprecognition.storage import set_endpoint_url
+
+        set_endpoint_url(args.endpoint_url)
+    run: Callable[[argparse.Namespace], int] = args.run
+    try:
+        return run(args)
+    except (DeepRecError, ValueError) as err:
+        print(f"deeprec {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Errors a user can act on: each names the file (and line or field) and says what to do."""
+
+from __future__ import annotations
+
+
+class DeepRecError(Exception):
+    """Base of every error the CLI reports as a one-line message instead of a traceback."""
+
+
+class InputError(DeepRecError):
+    """Bad input data: the message names the file, the line when there is one, and what is wrong."""
+
+    def __init__(self, path: str, message: str, line: int | None = None) -> None:
+        self.path = path
+        self.line = line
+        where = f"{path}, line {line}" if line is not None else path
+        super().__init__(f"{where}: {message}")
+
+
+class CorruptShardError(DeepRecError):
+    """A shard that does not match its manifest entry (checksum, size, sample count, content)."""
+
+    def __init__(self, shard: str, message: str) -> None:
+        self.shard = shard
+        self.problem = message
+        super().__init__(f"shard {shard}: {message} (run `deeprec verify` on the dataset, then `deeprec pack` again to rebuild it)")

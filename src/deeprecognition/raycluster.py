@@ -1,0 +1,35 @@
+"""Attach to the Ray cluster a command should use: the one in RAY_ADDRESS (or the job's own cluster
+under `ray job submit`), else a local Ray started on demand with every core of this machine."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+log = logging.getLogger(__name__)
+
+# Variables a Ray worker on another node needs to reach the same object store as the driver.
+# Credentials are deliberately absent: on a cluster they come from each node's instance role.
+_FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
+
+
+def ensure_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    env_vars = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
+    runtime_env = {"env_vars": env_vars} if env_vars else None
+    address = os.environ.get("RAY_ADDRESS")
+    if address:
+        log.info("attaching to the Ray cluster at %s", address)
+        ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
+    else:
+        log.info("starting a local Ray with %d CPUs", os.cpu_count() or 1)
+        ray.init(address="local", runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
+
+
+def cluster_cpus() -> int:
+    import ray
+
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -1,0 +1,85 @@
+"""`deeprec verify DATA`: re-read every shard and check it against the manifest."""
+
+from __future__ import annotations
+
+import hashlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+
+from deeprecognition import storage
+from deeprecognition.errors import CorruptShardError
+from deeprecognition.shards.loader import decode_image
+from deeprecognition.shards.manifest import Manifest, ShardInfo, read_manifest
+from deeprecognition.shards.tario import iter_samples, read_npy
+
+
+@dataclass(frozen=True)
+class ShardProblem:
+    shard: str
+    problem: str
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    shards: int
+    samples: int
+    problems: list[ShardProblem]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _check_samples(data: bytes, shard: ShardInfo, manifest: Manifest) -> None:
+    encoding, size = manifest.image.encoding, manifest.image.size
+    count = 0
+    positives = np.zeros(len(manifest.attributes), dtype=np.int64)
+    for key, fields in iter_samples(bytearray(data), shard.name):
+        if encoding not in fields or "attr.npy" not in fields or "meta.json" not in fields:
+            raise CorruptShardError(shard.name, f"sample {key} has members {sorted(fields)}, expected {encoding}, attr.npy, meta.json")
+        attrs = read_npy(fields["attr.npy"])
+        if attrs.shape != (40,) or attrs.dtype != np.uint8 or attrs.max(initial=0) > 1:
+            raise CorruptShardError(shard.name, f"sample {key}: attr.npy is {attrs.dtype}{attrs.shape}, expected 40 values in {{0, 1}}")
+        try:
+            image = decode_image(fields[encoding], encoding)
+        except RuntimeError as err:
+            raise CorruptShardError(shard.name, f"sample {key}: image does not decode ({err})") from None
+        if tuple(image.shape) != (3, size, size):
+            raise CorruptShardError(shard.name, f"sample {key}: image is {tuple(image.shape)}, expected (3, {size}, {size})")
+        positives += attrs
+        count += 1
+    if count != shard.samples:
+        raise CorruptShardError(shard.name, f"holds {count} samples, the manifest says {shard.samples}")
+    if positives.tolist() != shard.attribute_counts:
+        raise CorruptShardError(shard.name, "attribute counts differ from the manifest")
+
+
+def verify_shard(dataset: str, shard: ShardInfo, manifest: Manifest) -> ShardProblem | None:
+    try:
+        data = storage.read_bytes(storage.join(dataset, shard.name))
+    except FileNotFoundError:
+        return ShardProblem(shard.name, "missing: listed in the manifest but not in the dataset folder")
+    if len(data) != shard.bytes:
+        return ShardProblem(shard.name, f"{len(data)} bytes, the manifest says {shard.bytes} (truncated or replaced)")
+    if hashlib.sha256(data).hexdigest() != shard.sha256:
+        return ShardProblem(shard.name, "sha256 differs from the manifest (bytes changed since packing)")
+    try:
+        _check_samples(data, shard, manifest)
+    except CorruptShardError as err:
+        return ShardProblem(shard.name, err.problem)
+    return None
+
+
+def verify(dataset: str, num_workers: int = 4) -> VerifyReport:
+    manifest = read_manifest(dataset)
+    shards = [s for split in manifest.splits.values() for s in split.shards]
+    # Threads suffice: hashing and JPEG decoding release the GIL.
+    with ThreadPoolExecutor(max(1, num_workers)) as pool:
+        results = list(pool.map(lambda s: verify_shard(dataset, s, manifest), shards))
+    return VerifyReport(
+        shards=len(shards),
+        samples=sum(s.samples for s in shards),
+        problems=[r for r in results if r is not None],
+    )

@@ -1,0 +1,195 @@
+"""Storage URIs as plain strings: local paths, file:// and s3://bucket/key.
+
+One small module so that every reader and writer in the project agrees on three things:
+- S3 is reached through fsspec/s3fs with credentials from the standard AWS chain only and the
+  endpoint from AWS_ENDPOINT_URL (AWS_ENDPOINT_URL_S3 first), so any S3-compatible store works;
+- transient failures (connection reset, a response cut mid-stream, throttling) are retried with
+  exponential backoff, and every retry is counted and logged, never swallowed;
+- a write becomes visible only when complete: a temp file renamed into place locally, a single PUT
+  or a completed multipart upload on S3.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from collections import Counter
+from typing import IO, Any, Callable, TypeVar
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Per-process tally of retried operations ({"read_bytes": 2, ...}); tests and benchmarks read it.
+RETRIES: Counter[str] = Counter()
+
+MAX_ATTEMPTS = 6
+BACKOFF_S = 0.2
+
+
+def is_remote(uri: str) -> bool:
+    return "://" in uri and not uri.startswith("file://")
+
+
+def local_path(uri: str) -> str:
+    return uri[len("file://") :] if uri.startswith("file://") else uri
+
+
+def join(uri: str, *parts: str) -> str:
+    if is_remote(uri):
+        return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+    return os.path.join(local_path(uri), *parts)
+
+
+def endpoint_url() -> str | None:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def set_endpoint_url(url: str | None) -> None:
+    """Make --endpoint-url visible to this process and to every Ray worker it starts."""
+    if url:
+        os.environ["AWS_ENDPOINT_URL"] = url
+
+
+def filesystem(uri: str) -> tuple[Any, str]:
+    """The fsspec filesystem for a URI and the path inside it."""
+    if not is_remote(uri):
+        from fsspec.implementations.local import LocalFileSystem
+
+        return LocalFileSystem(), os.path.abspath(local_path(uri))
+    scheme, _, path = uri.partition("://")
+    if scheme not in ("s3", "s3a"):
+        raise ValueError(f"unsupported storage URI {uri!r}: use a local path or s3://bucket/prefix")
+    import s3fs
+
+    client_kwargs = {"endpoint_url": endpoint_url()} if endpoint_url() else {}
+    # s3fs caches instances per arguments and per process, so this is cheap after the first call.
+    return s3fs.S3FileSystem(client_kwargs=client_kwargs, retries=3), path
+
+
+def _is_transient(err: BaseException) -> bool:
+    if isinstance(err, (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError)):
+        return False
+    if isinstance(err, (ConnectionError, TimeoutError, OSError)):
+        return True
+    name = type(err).__name__
+    return any(
+        marker in name
+        for marker in ("Connection", "Timeout", "Payload", "IncompleteRead", "ResponseStreaming", "Throttl", "SlowDown")
+    )
+
+
+def retrying(what: str, fn: Callable[[], T]) -> T:
+    """Run fn, retrying transient storage errors with exponential backoff; count and log retries."""
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        try:
+            return fn()
+        except Exception as err:  # noqa: BLE001 - classified below, re-raised when not transient
+            if attempt == MAX_ATTEMPTS or not _is_transient(err):
+                raise
+            RETRIES[what] += 1
+            delay = BACKOFF_S * 2 ** (attempt - 1)
+            log.warning("storage: %s failed (%s: %s); retry %d in %.1fs", what, type(err).__name__, err, attempt, delay)
+            time.sleep(delay)
+    raise AssertionError("unreachable")
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return retrying(f"read {uri}", lambda: fs.cat_file(path))
+
+
+def open_read(uri: str) -> IO[bytes]:
+    """A seekable binary file (random access over S3, e.g. for a zip read in place)."""
+    fs, path = filesystem(uri)
+    return retrying(f"open {uri}", lambda: fs.open(path, "rb"))
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return retrying(f"exists {uri}", lambda: fs.exists(path))
+
+
+def isdir(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return retrying(f"isdir {uri}", lambda: fs.isdir(path))
+
+
+def size(uri: str) -> int:
+    fs, path = filesystem(uri)
+    return int(retrying(f"size {uri}", lambda: fs.size(path)))
+
+
+def list_names(uri: str) -> list[str]:
+    """Names (not paths) of the files directly inside a folder, sorted; [] when it does not exist."""
+    fs, path = filesystem(uri)
+    if not is_remote(uri):
+        return sorted(e.name for e in os.scandir(path) if e.is_file()) if os.path.isdir(path) else []
+
+    def ls() -> list[str]:
+        try:
+            entries = fs.ls(path, detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+        return sorted(e["name"].rsplit("/", 1)[-1] for e in entries if e["type"] == "file")
+
+    return retrying(f"list {uri}", ls)
+
+
+def list_sizes(uri: str) -> dict[str, int]:
+    """{name: size} of the files directly inside a folder."""
+    fs, path = filesystem(uri)
+    if not is_remote(uri):
+        if not os.path.isdir(path):
+            return {}
+        return {e.name: e.stat().st_size for e in os.scandir(path) if e.is_file()}
+
+    def ls() -> dict[str, int]:
+        try:
+            entries = fs.ls(path, detail=True, refresh=True)
+        except FileNotFoundError:
+            return {}
+        return {e["name"].rsplit("/", 1)[-1]: int(e["size"]) for e in entries if e["type"] == "file"}
+
+    return retrying(f"list {uri}", ls)
+
+
+def makedirs(uri: str) -> None:
+    if not is_remote(uri):
+        os.makedirs(local_path(uri), exist_ok=True)
+
+
+def write_bytes_atomic(uri: str, data: bytes) -> None:
+    """Write data so that the object is either absent, the previous version, or complete."""
+    if is_remote(uri):
+        fs, path = filesystem(uri)
+        # s3fs sends one PUT below its block size, else a multipart upload completed at the end:
+        # either way S3 shows nothing under the key until the whole object is there.
+        retrying(f"write {uri}", lambda: fs.pipe_file(path, data))
+        return
+    path = os.path.abspath(local_path(uri))
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def remove(uri: str) -> None:
+    fs, path = filesystem(uri)
+    if retrying(f"exists {uri}", lambda: fs.exists(path)):
+        retrying(f"remove {uri}", lambda: fs.rm_file(path))
+
+
+def is_temp_name(name: str) -> bool:
+    """Names write_bytes_atomic uses for files still being written (left behind by a kill -9)."""
+    return name.startswith(".") and name.endswith(".tmp")
