@@ -13,13 +13,18 @@ log = logging.getLogger(__name__)
 _FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_DEFAULT_REGION")
 
 
+def worker_runtime_env() -> dict | None:
+    """The object-store settings of this process, as a Ray runtime_env for its tasks."""
+    env_vars = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
+    return {"env_vars": env_vars} if env_vars else None
+
+
 def ensure_ray() -> None:
     import ray
 
     if ray.is_initialized():
         return
-    env_vars = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
-    runtime_env = {"env_vars": env_vars} if env_vars else None
+    runtime_env = worker_runtime_env()
     address = os.environ.get("RAY_ADDRESS")
     if address:
         log.info("attaching to the Ray cluster at %s", address)

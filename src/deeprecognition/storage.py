@@ -12,6 +12,7 @@ One small module so that every reader and writer in the project agrees on three 
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import tempfile
 import time
@@ -66,7 +67,14 @@ def filesystem(uri: str) -> tuple[Any, str]:
 
     client_kwargs = {"endpoint_url": endpoint_url()} if endpoint_url() else {}
     # s3fs caches instances per arguments and per process, so this is cheap after the first call.
-    return s3fs.S3FileSystem(client_kwargs=client_kwargs, retries=3), path
+    # botocore's "standard" mode retries throttling and 5xx with backoff; our `retrying` adds the
+    # failures it does not cover (connections reset or cut mid-body) and counts them.
+    config_kwargs = {"retries": {"max_attempts": 5, "mode": "standard"}}
+    fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, config_kwargs=config_kwargs)
+    # s3fs would silently retry a body cut mid-stream itself; one attempt there lets `retrying`
+    # see the failure, back off, count it and log it.
+    fs.retries = 1
+    return fs, path
 
 
 def _is_transient(err: BaseException) -> bool:
@@ -99,6 +107,17 @@ def retrying(what: str, fn: Callable[[], T]) -> T:
 def read_bytes(uri: str) -> bytes:
     fs, path = filesystem(uri)
     return retrying(f"read {uri}", lambda: fs.cat_file(path))
+
+
+def read_buffer(uri: str) -> bytes | mmap.mmap:
+    """A whole object for reading by offset: memory-mapped locally (no copy out of the page
+    cache), fetched whole from S3 (one GET, retried as a unit)."""
+    if is_remote(uri):
+        return read_bytes(uri)
+    with open(local_path(uri), "rb") as f:
+        if not os.fstat(f.fileno()).st_size:
+            return b""
+        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
 
 
 def open_read(uri: str) -> IO[bytes]:
@@ -188,6 +207,13 @@ def remove(uri: str) -> None:
     fs, path = filesystem(uri)
     if retrying(f"exists {uri}", lambda: fs.exists(path)):
         retrying(f"remove {uri}", lambda: fs.rm_file(path))
+
+
+def remove_empty_folder(uri: str) -> None:
+    """Local folders outlive their files; S3 has no folders, so there is nothing to do there."""
+    path = local_path(uri)
+    if not is_remote(uri) and os.path.isdir(path) and not os.listdir(path):
+        os.rmdir(path)
 
 
 def is_temp_name(name: str) -> bool:

@@ -52,6 +52,7 @@ class ShardResult:
 
 @dataclass(frozen=True)
 class PackReport:
+    dest: str
     manifest: Manifest
     built: int
     kept: int
@@ -135,11 +136,12 @@ def _run_tasks(source: CelebASource, dest: str, plan: PackPlan, options: PackOpt
     import ray
     from tqdm import tqdm
 
-    from deeprecognition.raycluster import cluster_cpus, ensure_ray
+    from deeprecognition.raycluster import cluster_cpus, ensure_ray, worker_runtime_env
 
     ensure_ray()
     limit = options.num_workers or cluster_cpus()
-    task = ray.remote(num_cpus=1, max_retries=3)(ensure_shard)
+    # The endpoint travels with each task: the cluster may have started before --endpoint-url was given.
+    task = ray.remote(num_cpus=1, max_retries=3)(ensure_shard).options(runtime_env=worker_runtime_env())
     todo = list(plan.shards)
     pending: dict = {}
     results: list[ShardResult] = []
@@ -190,12 +192,13 @@ def pack(src: str, dest: str, options: PackOptions = PackOptions(), progress: bo
         existing = read_manifest(dest)
         if existing.source.get("plan") != plan.plan_id:
             raise InputError(storage.join(dest, MANIFEST), "DEST already holds a dataset packed from another source or with other options: pack into a new DEST, or delete this one first")
-        return PackReport(manifest=existing, built=0, kept=len(plan.shards), seconds=time.perf_counter() - start, up_to_date=True)
+        return PackReport(dest=dest, manifest=existing, built=0, kept=len(plan.shards), seconds=time.perf_counter() - start, up_to_date=True)
     _remove_leftovers(dest, plan)
     results = _run_tasks(source, dest, plan, options, progress)
     manifest = _manifest(source, plan, options, results)
     write_manifest(dest, manifest)
     for shard in plan.shards:
         storage.remove(_record_uri(dest, shard.name))
+    storage.remove_empty_folder(storage.join(dest, RECORDS))
     kept = sum(r.kept for r in results)
-    return PackReport(manifest=manifest, built=len(results) - kept, kept=kept, seconds=time.perf_counter() - start)
+    return PackReport(dest=dest, manifest=manifest, built=len(results) - kept, kept=kept, seconds=time.perf_counter() - start)

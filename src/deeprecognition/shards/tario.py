@@ -9,6 +9,7 @@ samples/s per core, slower than the JPEG decode it feeds.
 from __future__ import annotations
 
 import io
+import mmap
 import tarfile
 from collections.abc import Iterable, Iterator
 
@@ -49,18 +50,18 @@ def tar_bytes(members: Iterable[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
-def _member_name(data: bytes | bytearray, offset: int, shard: str) -> str:
+def _member_name(data: bytes | bytearray | mmap.mmap, offset: int, shard: str) -> str:
     name_end = data.find(b"\0", offset, offset + 100)
-    name = bytes(data[offset : name_end if name_end >= 0 else offset + 100])
-    if data[offset + 257 : offset + 262] == b"ustar" and data[offset + 345]:  # long names: ustar prefix
+    name = data[offset : name_end if name_end >= 0 else offset + 100]
+    if data[offset + 345] and data[offset + 257 : offset + 262] == b"ustar":  # long names: ustar prefix
         prefix_end = data.find(b"\0", offset + 345, offset + 500)
-        name = bytes(data[offset + 345 : prefix_end if prefix_end >= 0 else offset + 500]) + b"/" + name
-    if name.startswith(b"/") or b".." in name and b".." in name.split(b"/"):
+        name = data[offset + 345 : prefix_end if prefix_end >= 0 else offset + 500] + b"/" + name
+    if b".." in name and b".." in name.split(b"/") or name.startswith(b"/"):
         raise CorruptShardError(shard, f"member name {name.decode('utf-8', 'replace')!r} is absolute or escapes the archive; refusing it")
     return name.decode("utf-8", "replace")
 
 
-def iter_members(data: bytes | bytearray, shard: str) -> Iterator[tuple[str, memoryview]]:
+def iter_members(data: bytes | bytearray | mmap.mmap, shard: str) -> Iterator[tuple[str, memoryview]]:
     """(name, payload view) of every regular file in a tar held in memory.
 
     Fields are read straight from the buffer by offset: this loop runs three times per sample and
@@ -84,7 +85,7 @@ def iter_members(data: bytes | bytearray, shard: str) -> Iterator[tuple[str, mem
     raise CorruptShardError(shard, f"truncated: no end-of-archive marker within {end} bytes")
 
 
-def iter_samples(data: bytes | bytearray, shard: str) -> Iterator[tuple[str, dict[str, memoryview]]]:
+def iter_samples(data: bytes | bytearray | mmap.mmap, shard: str) -> Iterator[tuple[str, dict[str, memoryview]]]:
     """WebDataset grouping: consecutive members sharing a key ("000001" of "000001.attr.npy")."""
     key, fields = None, {}
     for name, payload in iter_members(data, shard):

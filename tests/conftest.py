@@ -1,0 +1,82 @@
+"""Shared test infrastructure: one moto S3 server on 127.0.0.1, one local Ray cluster and one small
+synthetic CelebA (packed once) for the whole run; real-data tests need DEEPREC_CELEBA_ROOT."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import boto3
+import pytest
+
+from deeprecognition.celeba.synthetic import write_synthetic
+from deeprecognition.shards.pack import PackOptions, PackReport, pack
+
+SYNTH_N = 240
+SYNTH_SEED = 7
+# Small shards, so that even a 240-image dataset has several per split.
+TEST_PACK = PackOptions(samples_per_shard=25)
+BUCKET = "deeprec-test"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    celeba = os.environ.get("DEEPREC_CELEBA_ROOT")
+    skip_real = pytest.mark.skip(reason="set DEEPREC_CELEBA_ROOT to a CelebA copy to run real-data tests")
+    skip_gpu = pytest.mark.skip(reason="needs CUDA")
+    has_cuda = _has_cuda()
+    for item in items:
+        if "real_data" in item.keywords and not (celeba and os.path.isdir(celeba)):
+            item.add_marker(skip_real)
+        if "gpu" in item.keywords and not has_cuda:
+            item.add_marker(skip_gpu)
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[str]:
+    """A real S3 server (moto) on 127.0.0.1 with one bucket; its URL is in AWS_ENDPOINT_URL."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    url = f"http://{host}:{port}"
+    # Fake credentials through the standard chain (environment), set before Ray starts so that
+    # Ray's workers inherit them exactly as cluster nodes inherit an instance role.
+    os.environ.update(
+        AWS_ACCESS_KEY_ID="testing",
+        AWS_SECRET_ACCESS_KEY="testing",
+        AWS_DEFAULT_REGION="us-east-1",
+        AWS_ENDPOINT_URL=url,
+    )
+    boto3.client("s3", endpoint_url=url).create_bucket(Bucket=BUCKET)
+    yield url
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3: str) -> Iterator[None]:
+    """One local Ray for the whole run (address="local": never someone else's cluster)."""
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_root(tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = str(tmp_path_factory.mktemp("synth-celeba"))
+    write_synthetic(root, n=SYNTH_N, seed=SYNTH_SEED)
+    return root
+
+
+@pytest.fixture(scope="session")
+def packed(ray_cluster: None, synth_root: str, tmp_path_factory: pytest.TempPathFactory) -> PackReport:
+    """The synthetic CelebA packed once with TEST_PACK into a local folder."""
+    return pack(synth_root, str(tmp_path_factory.mktemp("packed")), TEST_PACK)

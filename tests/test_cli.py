@@ -1,0 +1,78 @@
+"""The `deeprec` commands as a user runs them: output, exit codes, and errors without tracebacks."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from deeprecognition.cli import main
+
+from .conftest import BUCKET, SYNTH_N
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_synth_then_pack_verify_stats_on_s3_with_endpoint_flag(ray_cluster, s3, tmp_path, capsys, monkeypatch):
+    src = str(tmp_path / "celeba")
+    code, out, _ = run_cli(capsys, "synth", src, "--n", "30", "--seed", "2")
+    assert code == 0 and "wrote 30 synthetic CelebA images" in out
+    monkeypatch.delenv("AWS_ENDPOINT_URL")  # the flag alone must reach the S3 server (and Ray's tasks)
+    dest = f"s3://{BUCKET}/cli"
+    code, out, _ = run_cli(capsys, "pack", src, dest, "--samples-per-shard", "10", "--quiet", "--endpoint-url", s3)
+    assert code == 0 and "packed train" in out and "0 kept" in out
+    code, out, _ = run_cli(capsys, "verify", dest, "--endpoint-url", s3)
+    assert code == 0 and out.startswith("OK: checked") and "30 samples" in out
+    code, out, _ = run_cli(capsys, "stats", dest, "--json", "--endpoint-url", s3)
+    stats = json.loads(out)
+    assert sum(s["samples"] for s in stats.values()) == 30
+
+
+def test_verify_exits_non_zero_naming_the_bad_shard(packed, tmp_path, capsys):
+    dest = str(tmp_path / "ds")
+    shutil.copytree(packed.dest, dest)
+    bad = packed.manifest.splits["train"].shards[1].name
+    with open(os.path.join(dest, bad), "r+b") as f:
+        f.truncate(1000)
+    code, out, _ = run_cli(capsys, "verify", dest)
+    assert code == 1
+    assert f"BAD {bad}:" in out and "1 bad shard(s)" in out
+
+
+def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, err = run_cli(capsys, "pack", str(tmp_path / "empty"), str(tmp_path / "out"))
+    assert code == 2
+    assert err.startswith("deeprec pack: error: ") and "Traceback" not in err
+    assert "list_attr_celeba.txt" in err  # says what was looked for
+    code, _, err = run_cli(capsys, "stats", str(tmp_path / "out"))
+    assert code == 2 and "manifest.json: not found" in err and "deeprec pack" in err
+
+
+def test_module_entry_point_runs_as_ray_job_submit_would(packed):
+    out = subprocess.run(
+        [sys.executable, "-m", "deeprecognition", "stats", packed.dest, "--json"],
+        check=True, capture_output=True, text=True,
+    ).stdout
+    assert sum(s["samples"] for s in json.loads(out).values()) == SYNTH_N
+
+
+def test_bench_loader_reports_all_rates_with_the_same_sample_count(packed, capsys):
+    code, out, _ = run_cli(capsys, "bench", "loader", packed.dest, "--limit", "100", "--json")
+    result = json.loads(out)
+    assert code == 0
+    assert result["samples"] >= 100
+    for key in ("images_per_s", "baseline_images_per_s", "decode_limit_images_per_s", "webdataset_images_per_s"):
+        assert result[key] > 0, key
+
+
+def test_bench_pack_measures_one_shard_in_process(synth_root, capsys):
+    code, out, _ = run_cli(capsys, "bench", "pack", synth_root, "--limit", "50", "--json")
+    result = json.loads(out)
+    assert code == 0 and result["samples"] == 50 and result["images_per_s"] > 0 and result["bytes_per_image"] > 1000
