@@ -69,6 +69,31 @@ def test_training_order_depends_on_epoch_and_seed_only(packed):
     assert order(0, 1) != order(0, 2)
 
 
+def test_set_epoch_reaches_persistent_workers(packed):
+    loader = make_loader(LoaderConfig(data=packed.dest, batch_size=32, num_workers=2, seed=5), rank=0, world_size=1)
+
+    def epoch(e: int) -> list[str]:
+        loader.dataset.set_epoch(e)
+        return keys_of(loader)
+
+    first, second, first_again = epoch(0), epoch(1), epoch(0)
+    assert first != second and first == first_again
+
+
+def test_local_shard_changed_after_it_was_verified_is_caught(packed, tmp_path):
+    dest = str(tmp_path / "ds")
+    shutil.copytree(packed.dest, dest)
+    config = LoaderConfig(data=dest, split="test", training=False, num_workers=0)
+    assert keys_of(make_loader(config))  # read and verified once: now cached for this process
+    shard = os.path.join(dest, packed.manifest.splits["test"].shards[0].name)
+    data = bytearray(open(shard, "rb").read())
+    data[3000] ^= 0xFF
+    with open(shard, "wb") as f:
+        f.write(data)
+    with pytest.raises(CorruptShardError, match="sha256"):
+        keys_of(make_loader(config))
+
+
 def test_batches_hold_uint8_images_and_the_chosen_targets(packed, ann):
     config = LoaderConfig(data=packed.dest, split="val", training=False, batch_size=8, num_workers=0, targets=("Male", "Smiling"))
     rows = {f[:-4]: a for f, a in zip(ann.image_files, ann.attrs)}

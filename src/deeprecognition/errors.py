@@ -1,4 +1,8 @@
-"""Errors a user can act on: each names the file (and line or field) and says what to do."""
+"""Errors a user can act on: each names the file (and line or field) and says what to do.
+
+They pickle with their fields (`__reduce__`), so an error raised in a Ray task reaches the driver
+as itself, not as Ray's wrapper.
+"""
 
 from __future__ import annotations
 
@@ -12,15 +16,22 @@ class InputError(DeepRecError):
 
     def __init__(self, path: str, message: str, line: int | None = None) -> None:
         self.path = path
+        self.message = message
         self.line = line
         where = f"{path}, line {line}" if line is not None else path
         super().__init__(f"{where}: {message}")
+
+    def __reduce__(self):
+        return (type(self), (self.path, self.message, self.line))
 
 
 class CorruptShardError(DeepRecError):
     """A shard that does not match its manifest entry (checksum, size, sample count, content)."""
 
-    def __init__(self, shard: str, message: str) -> None:
+    def __init__(self, shard: str, problem: str) -> None:
         self.shard = shard
-        self.problem = message
-        super().__init__(f"shard {shard}: {message} (run `deeprec verify` on the dataset, then `deeprec pack` again to rebuild it)")
+        self.problem = problem
+        super().__init__(f"shard {shard}: {problem} (run `deeprec verify` on the dataset, then `deeprec pack` again to rebuild it)")
+
+    def __reduce__(self):
+        return (type(self), (self.shard, self.problem))

@@ -109,15 +109,17 @@ def read_bytes(uri: str) -> bytes:
     return retrying(f"read {uri}", lambda: fs.cat_file(path))
 
 
-def read_buffer(uri: str) -> bytes | mmap.mmap:
-    """A whole object for reading by offset: memory-mapped locally (no copy out of the page
-    cache), fetched whole from S3 (one GET, retried as a unit)."""
+def read_buffer(uri: str) -> tuple[bytes | mmap.mmap, tuple[int, int, int] | None]:
+    """A whole object for reading by offset, and for a local file its (inode, size, mtime_ns).
+
+    Memory-mapped locally (no copy out of the page cache), fetched whole from S3 (one GET, retried
+    as a unit; no stamp: every fetch is new bytes off the network)."""
     if is_remote(uri):
-        return read_bytes(uri)
+        return read_bytes(uri), None
     with open(local_path(uri), "rb") as f:
-        if not os.fstat(f.fileno()).st_size:
-            return b""
-        return mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        st = os.fstat(f.fileno())
+        data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if st.st_size else b""
+        return data, (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def open_read(uri: str) -> IO[bytes]:

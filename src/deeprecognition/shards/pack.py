@@ -122,6 +122,12 @@ def ensure_shard(source: CelebASource, dest: str, shard: ShardPlan, options: Pac
     return ShardResult(info=info, undecodable=undecodable, kept=False)
 
 
+def _remove_records(dest: str) -> None:
+    for name in storage.list_names(storage.join(dest, RECORDS)):
+        storage.remove(storage.join(dest, RECORDS, name))
+    storage.remove_empty_folder(storage.join(dest, RECORDS))
+
+
 def _remove_leftovers(dest: str, plan: PackPlan) -> None:
     """Temp files of killed writers and shards of an older, different plan (never listed anywhere)."""
     planned = {s.name for s in plan.shards}
@@ -153,7 +159,11 @@ def _run_tasks(source: CelebASource, dest: str, plan: PackPlan, options: PackOpt
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             pending.pop(ref)
-            results.append(ray.get(ref))
+            try:
+                results.append(ray.get(ref))
+            except ray.exceptions.RayTaskError as err:
+                # The user's error (e.g. --strict on a bad JPEG), not Ray's wrapper and traceback.
+                raise err.cause from None
             bar.update(results[-1].info.samples + len(results[-1].undecodable))
     bar.close()
     return results
@@ -192,13 +202,12 @@ def pack(src: str, dest: str, options: PackOptions = PackOptions(), progress: bo
         existing = read_manifest(dest)
         if existing.source.get("plan") != plan.plan_id:
             raise InputError(storage.join(dest, MANIFEST), "DEST already holds a dataset packed from another source or with other options: pack into a new DEST, or delete this one first")
+        _remove_records(dest)  # left behind if an earlier run died right after its manifest
         return PackReport(dest=dest, manifest=existing, built=0, kept=len(plan.shards), seconds=time.perf_counter() - start, up_to_date=True)
     _remove_leftovers(dest, plan)
     results = _run_tasks(source, dest, plan, options, progress)
     manifest = _manifest(source, plan, options, results)
     write_manifest(dest, manifest)
-    for shard in plan.shards:
-        storage.remove(_record_uri(dest, shard.name))
-    storage.remove_empty_folder(storage.join(dest, RECORDS))
+    _remove_records(dest)
     kept = sum(r.kept for r in results)
     return PackReport(dest=dest, manifest=manifest, built=len(results) - kept, kept=kept, seconds=time.perf_counter() - start)
