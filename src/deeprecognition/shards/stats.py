@@ -65,7 +65,7 @@ def plot_png(stats: dict[str, SplitStats]) -> bytes:
     ax.set_xlabel("images with the attribute (%)")
     ax.set_xlim(0, 100)
     ax.grid(axis="x", alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="upper right")
     ax.set_title("CelebA attribute distribution per split")
     fig.tight_layout()
     buf = io.BytesIO()
