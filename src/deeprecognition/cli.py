@@ -86,6 +86,65 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+# Flag -> config field: each flag given on the command line becomes one checked override.
+_TRAIN_FLAGS = {
+    "data": "data.data", "task": "data.task", "batch_size": "data.batch_size", "model": "model.name",
+    "layers": "model.layers", "freeze": "model.freeze", "weights": "model.weights", "epochs": "optim.epochs",
+    "lr": "optim.lr", "steps_per_epoch": "optim.steps_per_epoch", "num_workers": "scale.num_workers",
+    "gpu": "scale.gpu", "max_failures": "scale.max_failures", "elastic": "scale.elastic_min",
+    "storage": "storage", "name": "name",
+}
+
+
+def classifier_config(args: argparse.Namespace):
+    from deeprecognition.config import ClassifierConfig, apply_overrides, preset
+
+    cfg = preset(args.preset) if args.preset else ClassifierConfig()
+    flags = [f"{field}={getattr(args, flag)}" for flag, field in _TRAIN_FLAGS.items() if getattr(args, flag) not in (None, False)]
+    return apply_overrides(cfg, flags + list(args.set)).validate()
+
+
+def _train_classifier(args: argparse.Namespace) -> int:
+    from deeprecognition.config import to_dict
+    from deeprecognition.launch import run
+
+    cfg = classifier_config(args)
+    if args.dry_run:
+        print(json.dumps(to_dict(cfg), indent=1))
+        return 0
+    result = run(cfg)
+    if result.error:
+        print(f"deeprec train classifier: the run failed: {result.error}", file=sys.stderr)
+        return 1
+    print(f"run {cfg.name} finished: latest checkpoint {result.checkpoint.path if result.checkpoint else None}")
+    return 0
+
+
+def _add_train_classifier(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("classifier", help="train a CelebA attribute classifier on Ray Train (DDP)")
+    p.add_argument("--preset", help="paper-cnn | paper-multilabel | paper-transfer")
+    p.add_argument("--data", help="packed dataset (local or s3://)")
+    p.add_argument("--task", help="attractive | paper4 | all40 | comma list of attributes")
+    p.add_argument("--model", choices=["cnn", "resnet50"])
+    p.add_argument("--layers", type=int, help="cnn conv blocks, 1..4")
+    p.add_argument("--freeze", choices=["all", "none", "paper"])
+    p.add_argument("--weights", help="resnet50: imagenet (torch hub cache) | PATH | s3://... | none")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int, help="per worker")
+    p.add_argument("--lr", type=float)
+    p.add_argument("--steps-per-epoch", type=int, help="cap steps per epoch (smoke runs)")
+    p.add_argument("--num-workers", type=int, help="Ray Train workers (DDP ranks)")
+    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--max-failures", type=int)
+    p.add_argument("--elastic", type=int, help="keep training on as few as MIN workers")
+    p.add_argument("--storage", help="run storage: local folder or s3://bucket/prefix")
+    p.add_argument("--name", help="run name; the same storage and name resume the run")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="any config field, e.g. model.dense=256")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    _add_storage_args(p)
+    p.set_defaults(run=_train_classifier)
+
+
 def _add_storage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL); credentials come from the standard AWS chain")
 
@@ -139,6 +198,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_storage_args(p)
     p.set_defaults(run=_bench)
+
+    train = sub.add_parser("train", help="distributed training jobs").add_subparsers(dest="job", required=True)
+    _add_train_classifier(train)
     return parser
 
 

@@ -1,0 +1,216 @@
+"""Typed run configs, the study's experiments as presets, and `--a.b=v` overrides checked by type.
+
+A config crosses into Ray as a plain dict (`to_dict`) and is rebuilt, with every field checked, on
+the first line of the worker loop (`from_dict`), so a typo fails on the driver, not in a worker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from deeprecognition.celeba.attributes import CELEBA_ATTRIBUTES, attribute_index
+
+T = TypeVar("T")
+
+TASKS: dict[str, tuple[str, ...]] = {
+    "attractive": ("Attractive",),
+    "paper4": ("Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open"),
+    "all40": CELEBA_ATTRIBUTES,
+}
+MODELS = ("cnn", "resnet50")
+
+
+def task_attributes(task: str) -> tuple[str, ...]:
+    """A named task, or a comma list of attribute names (each checked)."""
+    if task in TASKS:
+        return TASKS[task]
+    names = tuple(n.strip() for n in task.split(",") if n.strip())
+    if not names:
+        raise ValueError(f"data.task is empty: use {', '.join(TASKS)} or a comma list of attribute names")
+    for name in names:
+        attribute_index(name)
+    return names
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = "cnn"  # cnn | resnet50
+    layers: int = 3  # cnn: conv blocks, 1..4 (32, 64, 128, 256 filters)
+    dense: int = 128  # cnn: units of the one dense layer
+    freeze: str = "paper"  # resnet50: all | none | paper (the study's first 45 Keras layers)
+    weights: str = "imagenet"  # resnet50: imagenet (torch hub cache) | PATH | s3://... | none
+    head_width: int = 512  # resnet50: first of the head's three dense layers
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    data: str = "shards/celeba-128"  # a packed dataset: local folder or s3://
+    task: str = "attractive"  # attractive | paper4 | all40 | comma list of attributes
+    batch_size: int = 64  # per worker
+    loader_workers: int = 2  # DataLoader processes per training worker
+    shuffle_buffer: int = 2000
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    epochs: int = 10
+    lr: float = 1e-3  # Adam
+    weight_decay: float = 0.0
+    seed: int = 0
+    steps_per_epoch: int | None = None  # cap, for smoke runs; None: a full epoch of the train split
+    compile: bool = False  # torch.compile the model (GPU)
+
+
+@dataclass(kw_only=True)
+class ScaleConfig:
+    num_workers: int = 1  # Ray Train workers (DDP ranks)
+    gpu: bool = False
+    max_failures: int = 0  # worker failures survived by restarting from the latest checkpoint
+    elastic_min: int | None = None  # continue on as few as this many workers after losing some
+    keep_checkpoints: int = 2  # best N by validation metric (plus the latest)
+
+
+@dataclass(kw_only=True)
+class ClassifierConfig:
+    storage: str = "shards/runs"  # where runs live: local folder or s3://
+    name: str = "classifier"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+
+    def attributes(self) -> tuple[str, ...]:
+        return task_attributes(self.data.task)
+
+    def validate(self) -> ClassifierConfig:
+        """Everything that can be checked before a worker starts."""
+        self.attributes()
+        if self.model.name not in MODELS:
+            raise ValueError(f"model.name must be one of {', '.join(MODELS)}, got {self.model.name!r}")
+        if not 1 <= self.model.layers <= 4:
+            raise ValueError(f"model.layers must be 1..4 (the study's conv blocks), got {self.model.layers}")
+        if self.model.freeze not in ("all", "none", "paper"):
+            raise ValueError(f"model.freeze must be all, none or paper, got {self.model.freeze!r}")
+        for name, value in (("optim.epochs", self.optim.epochs), ("data.batch_size", self.data.batch_size), ("scale.num_workers", self.scale.num_workers)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        return self
+
+
+# ----- the study's experiments ---------------------------------------------------------------
+
+
+def paper_cnn() -> ClassifierConfig:
+    """The from-scratch CNN on Attractive (the study's runs trained Black_Hair by mistake); the
+    study swept layers 1..4 by hand: `tune_configs/cnn_layers.yaml` runs that sweep."""
+    return ClassifierConfig(name="paper-cnn", model=ModelConfig(name="cnn", layers=3), data=DataConfig(task="attractive"), optim=OptimConfig(epochs=10, lr=1e-3))
+
+
+def paper_multilabel() -> ClassifierConfig:
+    """The 4-label CNN: one sigmoid per label with BCE (the study's softmax over 4 independent
+    labels could not express two labels at once)."""
+    return ClassifierConfig(name="paper-multilabel", model=ModelConfig(name="cnn", layers=3), data=DataConfig(task="paper4"), optim=OptimConfig(epochs=10, lr=1e-3))
+
+
+def paper_transfer() -> ClassifierConfig:
+    """ResNet50 from ImageNet weights, backbone frozen as the study's first 45 Keras layers."""
+    return ClassifierConfig(
+        name="paper-transfer",
+        model=ModelConfig(name="resnet50", freeze="paper", weights="imagenet"),
+        data=DataConfig(task="attractive"),
+        optim=OptimConfig(epochs=10, lr=1e-4),
+    )
+
+
+PRESETS: dict[str, Callable[[], ClassifierConfig]] = {
+    "paper-cnn": paper_cnn,
+    "paper-multilabel": paper_multilabel,
+    "paper-transfer": paper_transfer,
+}
+
+
+def preset(name: str) -> ClassifierConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
+    return PRESETS[name]()
+
+
+# ----- dicts and overrides --------------------------------------------------------------------
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _coerce(value: Any, kind: Any, where: str) -> Any:
+    """value as `kind` (str from the command line, or a JSON value), or a ValueError naming the field."""
+    options = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union else (kind,)
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+        if type(None) in options:
+            return None
+        raise ValueError(f"{where} cannot be empty")
+    for option in (o for o in options if o is not type(None)):
+        if option is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+                return value.lower() in ("true", "1", "yes")
+        elif option is int and not isinstance(value, bool):
+            if isinstance(value, int) or (isinstance(value, str) and value.lstrip("-").isdigit()):
+                return int(value)
+        elif option is float and not isinstance(value, bool):
+            try:
+                return float(value)
+            except (TypeError, ValueError):
+                pass
+        elif option is str and isinstance(value, str):
+            return value
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ValueError(f"{where} must be {names}, got {value!r}")
+
+
+def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
+    """Rebuild a (nested) config dataclass, refusing unknown fields and wrong types by name."""
+    hints = _field_types(cls)
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown config field(s) {', '.join(prefix + u for u in sorted(unknown))}; known: {', '.join(prefix + k for k in sorted(known))}")
+    kwargs = {}
+    for name, value in data.items():
+        kind = hints[name]
+        if dataclasses.is_dataclass(kind):
+            if not isinstance(value, dict):
+                raise ValueError(f"{prefix}{name} must be a mapping of its fields")
+            kwargs[name] = from_dict(kind, value, prefix=f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(value, kind, prefix + name)
+    return cls(**kwargs)
+
+
+def apply_overrides(cfg: T, overrides: list[str]) -> T:
+    """["model.layers=4", "optim.lr=3e-4"] applied to a copy of cfg, each checked by field type."""
+    data = to_dict(cfg)
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r}: write FIELD=VALUE, e.g. model.layers=4")
+        node = data
+        *parents, leaf = key.strip().split(".")
+        for part in parents:
+            if not isinstance(node.get(part), dict):
+                raise ValueError(f"override {item!r}: {part!r} is not a config section")
+            node = node[part]
+        if leaf not in node:
+            raise ValueError(f"override {item!r}: unknown field {key!r}")
+        node[leaf] = value
+    return from_dict(type(cfg), data)

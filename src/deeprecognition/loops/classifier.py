@@ -1,0 +1,166 @@
+"""The classifier's per-worker training loop: plain PyTorch, under Ray Train or in one process.
+
+Rebuilds the typed config, builds this rank's loaders, wraps the model in DDP when there are several
+ranks, trains with Adam and BCE-with-logits (one sigmoid per label), evaluates every epoch, reports
+and checkpoints. Images arrive as uint8 and become float on the device.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from deeprecognition import storage
+from deeprecognition.checkpoint import restore_rng, rng_state
+from deeprecognition.config import ClassifierConfig, from_dict, to_dict
+from deeprecognition.loops.session import Session
+from deeprecognition.metrics import AttributeMetrics, majority_vector
+from deeprecognition.shards.loader import LoaderConfig, make_loader
+from deeprecognition.shards.manifest import read_manifest
+
+
+def build_model(cfg: ClassifierConfig, num_outputs: int, image_size: int) -> nn.Module:
+    if cfg.model.name == "cnn":
+        from deeprecognition.models.cnn import PaperCNN
+
+        return PaperCNN(layers=cfg.model.layers, num_outputs=num_outputs, image_size=image_size, dense=cfg.model.dense)
+    from deeprecognition.models.transfer import ResNet50Transfer, load_backbone_weights
+
+    model = ResNet50Transfer(num_outputs=num_outputs, freeze=cfg.model.freeze, head_width=cfg.model.head_width)
+    weights = load_backbone_weights(cfg.model.weights)
+    if weights is not None:
+        model.backbone.load_state_dict(weights)
+    return model
+
+
+class InputNorm(nn.Module):
+    """uint8 (B, 3, H, W) -> float, normalised on the device: the CPU only decodes JPEGs."""
+
+    def __init__(self, model_name: str) -> None:
+        super().__init__()
+        if model_name == "resnet50":
+            from deeprecognition.models.transfer import IMAGENET_MEAN, IMAGENET_STD
+
+            mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
+        else:  # the study's rescale to [0, 1]
+            mean, std = torch.zeros(3), torch.ones(3)
+        self.register_buffer("scale", (1 / (255 * std)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("shift", (-mean / std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return images.float() * self.scale + self.shift
+
+
+def _loaders(cfg: ClassifierConfig, session: Session, attributes: tuple[str, ...]):
+    common = dict(data=cfg.data.data, targets=attributes, batch_size=cfg.data.batch_size, num_workers=cfg.data.loader_workers, seed=cfg.optim.seed)
+    train = make_loader(LoaderConfig(split="train", shuffle_buffer=cfg.data.shuffle_buffer, **common), session.rank, session.world_size, pin_memory=session.device.type == "cuda")
+    val = make_loader(LoaderConfig(split="val", training=False, **common), session.rank, session.world_size)
+    return train, val
+
+
+def _majority(data: str, attributes: tuple[str, ...]) -> torch.Tensor:
+    """Each label's majority class in the train split: the floor every metric is shown with."""
+    manifest = read_manifest(data)
+    counts = torch.tensor([s.attribute_counts for s in manifest.shards("train")]).sum(0)
+    return majority_vector(counts[[manifest.attributes.index(a) for a in attributes]], manifest.splits["train"].samples)
+
+
+def evaluate(model: nn.Module, norm: InputNorm, loader, attributes: tuple[str, ...], majority: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """Metrics over the whole split, summed over every rank."""
+    metrics = AttributeMetrics(attributes, majority=majority.to(device))
+    model.eval()
+    with torch.no_grad():
+        for batch in loader:
+            logits = model(norm(batch.images.to(device, non_blocking=True)))
+            metrics.update(logits.float(), batch.targets.to(device, non_blocking=True))
+    counts = metrics.counts()
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts)
+    return AttributeMetrics.from_counts(attributes, counts.cpu(), majority=majority).compute()
+
+
+def _train_epoch(model, norm, loader, optimizer, cfg: ClassifierConfig, device: torch.device) -> tuple[float, int, float]:
+    """Mean loss, images seen and seconds for one epoch."""
+    model.train()
+    loss_fn = nn.BCEWithLogitsLoss()
+    total, seen, start = 0.0, 0, time.perf_counter()
+    limit = cfg.optim.steps_per_epoch or math.inf
+    for step, batch in enumerate(loader):
+        if step >= limit:
+            break
+        images = norm(batch.images.to(device, non_blocking=True))
+        targets = batch.targets.to(device, non_blocking=True).float()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            loss = loss_fn(model(images).float(), targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += loss.item() * len(batch.keys)
+        seen += len(batch.keys)
+    return total / max(seen, 1), seen, time.perf_counter() - start
+
+
+def _state(cfg: ClassifierConfig, model: nn.Module, optimizer, epoch: int, step: int, attributes: tuple[str, ...]) -> dict[str, Any]:
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return {
+        "model": module.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "epoch": epoch,
+        "step": step,
+        "rng": rng_state(),
+        "config": to_dict(cfg),
+        "attributes": list(attributes),
+    }
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    cfg = from_dict(ClassifierConfig, config).validate()
+    attributes = cfg.attributes()
+    session = Session.current(storage.join(cfg.storage, cfg.name), cfg.scale.gpu)
+    torch.manual_seed(cfg.optim.seed)
+    image_size = read_manifest(cfg.data.data).image.size
+    model = build_model(cfg, len(attributes), image_size).to(session.device)
+    if session.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    norm = InputNorm(cfg.model.name).to(session.device)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    start_epoch, step = 0, 0
+    state = session.latest_state()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        restore_rng(state["rng"])
+        start_epoch, step = state["epoch"] + 1, state["step"]
+    if session.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(model, device_ids=[session.device.index] if session.device.type == "cuda" else None)
+    if cfg.optim.compile:
+        model = torch.compile(model)
+    train, val = _loaders(cfg, session, attributes)
+    majority = _majority(cfg.data.data, attributes)
+    for epoch in range(start_epoch, cfg.optim.epochs):
+        train.dataset.set_epoch(epoch)
+        loss, seen, seconds = _train_epoch(model, norm, train, optimizer, cfg, session.device)
+        step += math.ceil(seen / cfg.data.batch_size)
+        result = evaluate(model, norm, val, attributes, majority, session.device)
+        metrics = {
+            "epoch": epoch,
+            "step": step,
+            "train/loss": loss,
+            "train/images_per_s": seen * session.world_size / seconds if seconds else 0.0,
+            "val/mean_accuracy": result["mean_accuracy"],
+            "val/exact_match": result["exact_match"],
+            "val/mean_majority_baseline": result["mean_majority_baseline"],
+            **{f"val/acc/{name}": acc for name, acc in result["accuracy"].items()},
+        }
+        if session.rank == 0:
+            print(
+                f"epoch {epoch + 1}/{cfg.optim.epochs}  loss {loss:.4f}  val acc {result['mean_accuracy']:.4f} "
+                f"(majority {result['mean_majority_baseline']:.4f})  {metrics['train/images_per_s']:.0f} img/s",
+                flush=True,
+            )
+        session.report(metrics, _state(cfg, model, optimizer, epoch, step, attributes) if session.rank == 0 else None)
