@@ -12,9 +12,11 @@ from deeprecognition.celeba.synthetic import write_synthetic
 from deeprecognition.checkpoint import load_state
 from deeprecognition.config import ClassifierConfig, apply_overrides, to_dict
 from deeprecognition.errors import InputError
+from deeprecognition.evaluate import evaluate_checkpoint
 from deeprecognition.launch import check_before_workers, run
 from deeprecognition.loops.classifier import train_loop_per_worker
 from deeprecognition.shards.encode import ImageFormat
+from deeprecognition.shards.manifest import read_manifest
 from deeprecognition.shards.pack import PackOptions, pack
 
 from .conftest import BUCKET
@@ -59,6 +61,11 @@ def test_two_worker_ddp_run_on_ray_checkpoints_to_s3(faces64, s3):
     assert result.checkpoint.path.startswith(f"{BUCKET}/runs/ddp/")
     state = load_state(f"s3://{result.checkpoint.path}")
     assert state["epoch"] == 1 and state["config"]["scale"]["num_workers"] == 2
+    # evaluate straight from the run folder in S3: its best checkpoint, on the test split
+    report = evaluate_checkpoint(f"s3://{BUCKET}/runs/ddp", faces64, split="test")
+    assert report["samples"] == read_manifest(faces64).splits["test"].samples
+    assert set(report["attributes"]) == {"Male", "Smiling"}
+    assert report["checkpoint"].startswith(f"s3://{BUCKET}/runs/ddp/checkpoint_")
 
 
 def test_bad_configs_fail_on_the_driver(faces64, tmp_path, monkeypatch):

@@ -19,6 +19,7 @@ from deeprecognition.errors import InputError
 
 STATE = "state.pt"
 CONFIG = "config.json"
+METRICS = "metrics.json"
 
 
 def rng_state() -> dict[str, Any]:
@@ -35,12 +36,27 @@ def restore_rng(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def write_checkpoint(folder: str, state: dict[str, Any]) -> None:
-    """state.pt and config.json into a local folder (Ray Train uploads it to the run's storage)."""
+def write_checkpoint(folder: str, state: dict[str, Any], metrics: dict[str, Any]) -> None:
+    """state.pt, config.json and metrics.json into a local folder (Ray Train uploads it to the
+    run's storage); metrics.json lets the best checkpoint be found without loading any state."""
     os.makedirs(folder, exist_ok=True)
     torch.save(state, os.path.join(folder, STATE))
-    with open(os.path.join(folder, CONFIG), "w") as f:
-        json.dump(state["config"], f, indent=1)
+    for name, content in ((CONFIG, state["config"]), (METRICS, metrics)):
+        with open(os.path.join(folder, name), "w") as f:
+            json.dump(content, f, indent=1)
+
+
+def best_checkpoint(uri: str, metric: str = "val/mean_accuracy") -> str:
+    """A checkpoint folder as given, or a run folder's checkpoint with the best metric."""
+    if storage.exists(storage.join(uri, STATE)):
+        return uri
+    scored = []
+    for name in storage.list_folders(uri):
+        if name.startswith("checkpoint_") and storage.exists(storage.join(uri, name, METRICS)):
+            scored.append((json.loads(storage.read_bytes(storage.join(uri, name, METRICS))).get(metric, float("-inf")), name))
+    if not scored:
+        raise InputError(uri, "holds neither state.pt nor checkpoint_* folders: give a checkpoint or a run folder")
+    return storage.join(uri, max(scored)[1])
 
 
 def load_state(checkpoint: str) -> dict[str, Any]:

@@ -145,6 +145,18 @@ def _add_train_classifier(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_train_classifier)
 
 
+def _evaluate(args: argparse.Namespace) -> int:
+    from deeprecognition.evaluate import evaluate_checkpoint
+    from deeprecognition.metrics import format_report
+
+    result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split)
+    if args.json:
+        print(json.dumps({k: v for k, v in result.items() if k != "metrics"}))
+    else:
+        print(format_report(result["metrics"], f"{result['task']} on {args.split} ({result['samples']} images), {result['checkpoint']}"))
+    return 0
+
+
 def _add_storage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL); credentials come from the standard AWS chain")
 
@@ -198,6 +210,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_storage_args(p)
     p.set_defaults(run=_bench)
+
+    p = sub.add_parser("evaluate", help="a trained classifier's metrics on one split, with their floors")
+    p.add_argument("checkpoint", help="a checkpoint folder or a run folder (its best checkpoint), local or s3://")
+    p.add_argument("--data", required=True, help="packed dataset")
+    p.add_argument("--split", choices=["train", "val", "test"], default="test")
+    p.add_argument("--json", action="store_true")
+    _add_storage_args(p)
+    p.set_defaults(run=_evaluate)
 
     train = sub.add_parser("train", help="distributed training jobs").add_subparsers(dest="job", required=True)
     _add_train_classifier(train)

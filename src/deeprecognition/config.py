@@ -154,7 +154,7 @@ def _field_types(cls: type) -> dict[str, Any]:
 def _coerce(value: Any, kind: Any, where: str) -> Any:
     """value as `kind` (str from the command line, or a JSON value), or a ValueError naming the field."""
     options = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union else (kind,)
-    if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
+    if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in options):
         if type(None) in options:
             return None
         raise ValueError(f"{where} cannot be empty")

@@ -159,6 +159,22 @@ def list_names(uri: str) -> list[str]:
     return retrying(f"list {uri}", ls)
 
 
+def list_folders(uri: str) -> list[str]:
+    """Names of the folders (S3: common prefixes) directly inside a folder, sorted."""
+    fs, path = filesystem(uri)
+    if not is_remote(uri):
+        return sorted(e.name for e in os.scandir(path) if e.is_dir()) if os.path.isdir(path) else []
+
+    def ls() -> list[str]:
+        try:
+            entries = fs.ls(path, detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
+
+    return retrying(f"list {uri}", ls)
+
+
 def list_sizes(uri: str) -> dict[str, int]:
     """{name: size} of the files directly inside a folder."""
     fs, path = filesystem(uri)

@@ -63,7 +63,7 @@ def _loaders(cfg: ClassifierConfig, session: Session, attributes: tuple[str, ...
     return train, val
 
 
-def _majority(data: str, attributes: tuple[str, ...]) -> torch.Tensor:
+def majority_of(data: str, attributes: tuple[str, ...]) -> torch.Tensor:
     """Each label's majority class in the train split: the floor every metric is shown with."""
     manifest = read_manifest(data)
     counts = torch.tensor([s.attribute_counts for s in manifest.shards("train")]).sum(0)
@@ -141,7 +141,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.optim.compile:
         model = torch.compile(model)
     train, val = _loaders(cfg, session, attributes)
-    majority = _majority(cfg.data.data, attributes)
+    majority = majority_of(cfg.data.data, attributes)
     for epoch in range(start_epoch, cfg.optim.epochs):
         train.dataset.set_epoch(epoch)
         loss, seen, seconds = _train_epoch(model, norm, train, optimizer, cfg, session.device)

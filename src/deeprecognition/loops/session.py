@@ -56,7 +56,7 @@ class Session:
             with tempfile.TemporaryDirectory() as folder:
                 checkpoint = None
                 if state is not None and self.rank == 0:
-                    write_checkpoint(folder, state)
+                    write_checkpoint(folder, state, metrics)
                     checkpoint = ray.train.Checkpoint.from_directory(folder)
                 ray.train.report(metrics, checkpoint=checkpoint)
             return
@@ -65,7 +65,7 @@ class Session:
             # Written aside, then renamed: a half-written checkpoint is never the latest one.
             name = f"checkpoint_{state['epoch']:06d}"
             partial = os.path.join(self.run_dir, f".{name}.tmp")
-            write_checkpoint(partial, state)
+            write_checkpoint(partial, state, metrics)
             target = os.path.join(self.run_dir, name)
             shutil.rmtree(target, ignore_errors=True)  # the same epoch, from a run that died after it
             os.replace(partial, target)
