@@ -143,54 +143,37 @@ def size(uri: str) -> int:
     return int(retrying(f"size {uri}", lambda: fs.size(path)))
 
 
+def _entries(uri: str) -> list[tuple[str, str, int]]:
+    """(name, "file" or "directory", size) of what is directly inside a folder; [] when absent."""
+    fs, path = filesystem(uri)
+    if not is_remote(uri):
+        if not os.path.isdir(path):
+            return []
+        return [(e.name, "file", e.stat().st_size) if e.is_file() else (e.name, "directory", 0) for e in os.scandir(path)]
+
+    def ls() -> list[tuple[str, str, int]]:
+        try:
+            entries = fs.ls(path, detail=True, refresh=True)
+        except FileNotFoundError:
+            return []
+        return [(e["name"].rstrip("/").rsplit("/", 1)[-1], e["type"], int(e.get("size") or 0)) for e in entries]
+
+    return retrying(f"list {uri}", ls)
+
+
 def list_names(uri: str) -> list[str]:
     """Names (not paths) of the files directly inside a folder, sorted; [] when it does not exist."""
-    fs, path = filesystem(uri)
-    if not is_remote(uri):
-        return sorted(e.name for e in os.scandir(path) if e.is_file()) if os.path.isdir(path) else []
-
-    def ls() -> list[str]:
-        try:
-            entries = fs.ls(path, detail=True, refresh=True)
-        except FileNotFoundError:
-            return []
-        return sorted(e["name"].rsplit("/", 1)[-1] for e in entries if e["type"] == "file")
-
-    return retrying(f"list {uri}", ls)
-
-
-def list_folders(uri: str) -> list[str]:
-    """Names of the folders (S3: common prefixes) directly inside a folder, sorted."""
-    fs, path = filesystem(uri)
-    if not is_remote(uri):
-        return sorted(e.name for e in os.scandir(path) if e.is_dir()) if os.path.isdir(path) else []
-
-    def ls() -> list[str]:
-        try:
-            entries = fs.ls(path, detail=True, refresh=True)
-        except FileNotFoundError:
-            return []
-        return sorted(e["name"].rstrip("/").rsplit("/", 1)[-1] for e in entries if e["type"] == "directory")
-
-    return retrying(f"list {uri}", ls)
+    return sorted(name for name, kind, _ in _entries(uri) if kind == "file")
 
 
 def list_sizes(uri: str) -> dict[str, int]:
     """{name: size} of the files directly inside a folder."""
-    fs, path = filesystem(uri)
-    if not is_remote(uri):
-        if not os.path.isdir(path):
-            return {}
-        return {e.name: e.stat().st_size for e in os.scandir(path) if e.is_file()}
+    return {name: size for name, kind, size in _entries(uri) if kind == "file"}
 
-    def ls() -> dict[str, int]:
-        try:
-            entries = fs.ls(path, detail=True, refresh=True)
-        except FileNotFoundError:
-            return {}
-        return {e["name"].rsplit("/", 1)[-1]: int(e["size"]) for e in entries if e["type"] == "file"}
 
-    return retrying(f"list {uri}", ls)
+def list_folders(uri: str) -> list[str]:
+    """Names of the folders (S3: common prefixes) directly inside a folder, sorted."""
+    return sorted(name for name, kind, _ in _entries(uri) if kind == "directory")
 
 
 def makedirs(uri: str) -> None:
