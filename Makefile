@@ -26,6 +26,9 @@ else
 endif
 	$(BIN)/deeprec verify $(DATA)
 	$(BIN)/deeprec stats $(DATA) --plot $(DATA)-stats.png
+	$(BIN)/deeprec train classifier --preset paper-cnn --data $(DATA) --num-workers 2 --epochs 3 \
+		--storage shards/runs --name demo-cnn3-attractive --set data.loader_workers=1
+	$(BIN)/deeprec evaluate shards/runs/demo-cnn3-attractive --data $(DATA) --split test
 
 test: install
 	$(BIN)/pytest
@@ -35,4 +38,4 @@ bench: install
 	$(BIN)/deeprec bench loader $(DATA)
 
 clean:
-	rm -rf $(VENV) shards/synthetic-celeba $(DATA) $(DATA)-stats.png
+	rm -rf $(VENV) shards/synthetic-celeba $(DATA) $(DATA)-stats.png shards/runs

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from deeprecognition import storage
@@ -25,6 +26,12 @@ def ray_storage_path(uri: str) -> str:
     return uri if storage.is_remote(uri) else os.path.abspath(storage.local_path(uri))
 
 
+def absolute_paths(cfg: ClassifierConfig) -> ClassifierConfig:
+    """Ray's workers run in their own working directory: a relative local path must not reach them."""
+    data = dataclasses.replace(cfg.data, data=ray_storage_path(cfg.data.data))
+    return dataclasses.replace(cfg, data=data, storage=ray_storage_path(cfg.storage))
+
+
 def run(cfg: ClassifierConfig):
     """Fit the classifier on the Ray cluster (RAY_ADDRESS, or a local one); returns Ray's Result."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -32,6 +39,7 @@ def run(cfg: ClassifierConfig):
 
     from deeprecognition.raycluster import ensure_ray, worker_runtime_env
 
+    cfg = absolute_paths(cfg)
     check_before_workers(cfg)
     ensure_ray()
     scale = cfg.scale
