@@ -5,6 +5,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
+import threading
+import time
 
 import pytest
 
@@ -76,3 +80,45 @@ def test_bad_configs_fail_on_the_driver(faces64, tmp_path, monkeypatch):
         check_before_workers(config(str(tmp_path / "nothing"), str(tmp_path)))
     with pytest.raises(ValueError, match="model.layers must be 1..4"):
         check_before_workers(config(faces64, str(tmp_path), "model.layers=7"))
+
+
+def _train_worker_pids() -> set[int]:
+    from ray.util.state import list_actors
+
+    alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    return {a.pid for a in alive}
+
+
+def test_a_killed_worker_is_replaced_and_the_run_finishes_from_its_checkpoint(faces64, tmp_path):
+    epochs, steps = 6, 5
+    cfg = config(faces64, str(tmp_path), "name=killed", f"optim.epochs={epochs}", f"optim.steps_per_epoch={steps}", "scale.num_workers=2", "scale.max_failures=1")
+    outcome: dict = {}
+    fit = threading.Thread(target=lambda: outcome.update(result=run(cfg)))
+    fit.start()
+    run_dir = tmp_path / "killed"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (run_dir.exists() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())):
+        time.sleep(0.05)
+    victims = _train_worker_pids()
+    assert victims, "no training worker alive after the first checkpoint"
+    os.kill(min(victims), signal.SIGKILL)
+    fit.join(timeout=400)
+    result = outcome["result"]
+    assert result.error is None
+    # Counters continue from the checkpoint instead of restarting: exactly `epochs` epochs of `steps`.
+    assert result.metrics["epoch"] == epochs - 1
+    assert result.metrics["step"] == epochs * steps
+    assert min(victims) not in _train_worker_pids()
+
+
+def test_cli_reports_a_failed_run_in_one_line(faces64, tmp_path, capsys):
+    from deeprecognition.cli import main
+
+    # Passes the driver's checks, then fails in every worker: the dataset vanishes after the check.
+    data = str(tmp_path / "data")
+    shutil.copytree(faces64, data)
+    os.remove(os.path.join(data, read_manifest(data).splits["train"].shards[0].name))
+    code = main(["train", "classifier", "--data", data, "--storage", str(tmp_path), "--name", "doomed", "--epochs", "1", "--set", "data.loader_workers=0"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "the run failed: rank 0:" in err and "Traceback" not in err

@@ -112,12 +112,22 @@ def _train_classifier(args: argparse.Namespace) -> int:
     if args.dry_run:
         print(json.dumps(to_dict(cfg), indent=1))
         return 0
-    result = run(cfg)
-    if result.error:
-        print(f"deeprec train classifier: the run failed: {result.error}", file=sys.stderr)
+    from ray.train import TrainingFailedError
+
+    try:
+        result = run(cfg)
+    except TrainingFailedError as err:
+        print(f"deeprec train classifier: the run failed: {failure_summary(err)}", file=sys.stderr)
         return 1
     print(f"run {cfg.name} finished: latest checkpoint {result.checkpoint.path if result.checkpoint else None}")
     return 0
+
+
+def failure_summary(err: Exception) -> str:
+    """The workers' own errors, one line each, instead of Ray's wrapped tracebacks."""
+    failures = getattr(err, "worker_failures", None) or {}
+    lines = [f"rank {rank}: {str(exc).strip().splitlines()[-1]}" for rank, exc in sorted(failures.items())]
+    return "; ".join(lines) or str(err).strip().splitlines()[-1]
 
 
 def _add_train_classifier(sub: argparse._SubParsersAction) -> None:
