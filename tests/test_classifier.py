@@ -12,8 +12,10 @@ import time
 
 import pytest
 
+from deeprecognition import storage
 from deeprecognition.celeba.synthetic import write_synthetic
 from deeprecognition.checkpoint import load_state
+from deeprecognition.cli import main
 from deeprecognition.config import ClassifierConfig, apply_overrides, to_dict
 from deeprecognition.errors import InputError
 from deeprecognition.evaluate import evaluate_checkpoint
@@ -55,6 +57,19 @@ def test_one_process_run_learns_then_resumes_where_it_stopped(faces64, tmp_path)
     train_loop_per_worker(to_dict(config(faces64, str(tmp_path), "name=solo", "optim.epochs=5")))
     assert epochs_logged(run_dir) == [0, 1, 2, 3, 4]
     assert load_state(os.path.join(run_dir, "checkpoint_000004"))["step"] > state["step"]
+    # What the run leaves beside its checkpoints
+    with open(os.path.join(run_dir, "report.json")) as f:
+        report = json.load(f)
+    assert report["samples"] == read_manifest(faces64).splits["test"].samples and "Male" in report["accuracy"]
+    assert "| Male |" in open(os.path.join(run_dir, "report.md")).read()
+    assert open(os.path.join(run_dir, "curves.png"), "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+    assert json.load(open(os.path.join(run_dir, "training_options.json")))["optim"]["epochs"] == 5
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(os.path.join(run_dir, "tensorboard")))
+    # Two runs on one plot (the study's scratch-vs-transfer figure)
+    shutil.copytree(run_dir, tmp_path / "solo-copy")
+    png = str(tmp_path / "compare.png")
+    assert main(["curves", run_dir, str(tmp_path / "solo-copy"), "--out", png]) == 0
+    assert open(png, "rb").read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_two_worker_ddp_run_on_ray_checkpoints_to_s3(faces64, s3):
@@ -67,6 +82,7 @@ def test_two_worker_ddp_run_on_ray_checkpoints_to_s3(faces64, s3):
     assert state["epoch"] == 1 and state["config"]["scale"]["num_workers"] == 2
     # evaluate straight from the run folder in S3: its best checkpoint, on the test split
     report = evaluate_checkpoint(f"s3://{BUCKET}/runs/ddp", faces64, split="test")
+    assert storage.exists(f"s3://{BUCKET}/runs/ddp/report.md") and storage.exists(f"s3://{BUCKET}/runs/ddp/curves.png")
     assert report["samples"] == read_manifest(faces64).splits["test"].samples
     assert set(report["attributes"]) == {"Male", "Smiling"}
     assert report["checkpoint"].startswith(f"s3://{BUCKET}/runs/ddp/checkpoint_")
@@ -112,8 +128,6 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes_from_its_checkpoint(fa
 
 
 def test_cli_reports_a_failed_run_in_one_line(faces64, tmp_path, capsys):
-    from deeprecognition.cli import main
-
     # Passes the driver's checks, then fails in every worker: the dataset vanishes after the check.
     data = str(tmp_path / "data")
     shutil.copytree(faces64, data)

@@ -167,6 +167,19 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _curves(args: argparse.Namespace) -> int:
+    from deeprecognition import storage
+    from deeprecognition.report import curves_png, read_history
+
+    runs = {run.rstrip("/").rsplit("/", 1)[-1]: read_history(run) for run in args.runs}
+    empty = [name for name, history in runs.items() if not history]
+    if empty:
+        raise ValueError(f"no metrics.jsonl with epochs in run(s): {', '.join(empty)}")
+    storage.write_bytes_atomic(args.out, curves_png(runs))
+    print(f"learning curves of {len(runs)} run(s) written to {args.out}")
+    return 0
+
+
 def _add_storage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL); credentials come from the standard AWS chain")
 
@@ -228,6 +241,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_storage_args(p)
     p.set_defaults(run=_evaluate)
+
+    p = sub.add_parser("curves", help="train/val accuracy per epoch of one or more runs on one plot")
+    p.add_argument("runs", nargs="+", help="run folders (local or s3://), e.g. a scratch and a transfer run")
+    p.add_argument("--out", required=True, help="PNG to write (local or s3://)")
+    _add_storage_args(p)
+    p.set_defaults(run=_curves)
 
     train = sub.add_parser("train", help="distributed training jobs").add_subparsers(dest="job", required=True)
     _add_train_classifier(train)

@@ -20,6 +20,7 @@ from deeprecognition.checkpoint import restore_rng, rng_state
 from deeprecognition.config import ClassifierConfig, from_dict, to_dict
 from deeprecognition.loops.session import Session
 from deeprecognition.metrics import AttributeMetrics, majority_vector
+from deeprecognition.report import RunLog
 from deeprecognition.shards.loader import LoaderConfig, make_loader
 from deeprecognition.shards.manifest import read_manifest
 
@@ -59,8 +60,8 @@ class InputNorm(nn.Module):
 def _loaders(cfg: ClassifierConfig, session: Session, attributes: tuple[str, ...]):
     common = dict(data=cfg.data.data, targets=attributes, batch_size=cfg.data.batch_size, num_workers=cfg.data.loader_workers, seed=cfg.optim.seed)
     train = make_loader(LoaderConfig(split="train", shuffle_buffer=cfg.data.shuffle_buffer, **common), session.rank, session.world_size, pin_memory=session.device.type == "cuda")
-    val = make_loader(LoaderConfig(split="val", training=False, **common), session.rank, session.world_size)
-    return train, val
+    val, test = (make_loader(LoaderConfig(split=split, training=False, **common), session.rank, session.world_size) for split in ("val", "test"))
+    return train, val, test
 
 
 def majority_of(data: str, attributes: tuple[str, ...]) -> torch.Tensor:
@@ -84,11 +85,11 @@ def evaluate(model: nn.Module, norm: InputNorm, loader, attributes: tuple[str, .
     return AttributeMetrics.from_counts(attributes, counts.cpu(), majority=majority).compute()
 
 
-def _train_epoch(model, norm, loader, optimizer, cfg: ClassifierConfig, device: torch.device) -> tuple[float, int, float]:
-    """Mean loss, images seen and seconds for one epoch."""
+def _train_epoch(model, norm, loader, optimizer, cfg: ClassifierConfig, device: torch.device) -> tuple[float, float, int, float]:
+    """Mean loss, mean label accuracy, images seen and seconds for one epoch on this rank."""
     model.train()
     loss_fn = nn.BCEWithLogitsLoss()
-    total, seen, start = 0.0, 0, time.perf_counter()
+    total, correct, seen, start = 0.0, 0.0, 0, time.perf_counter()
     limit = cfg.optim.steps_per_epoch or math.inf
     for step, batch in enumerate(loader):
         if step >= limit:
@@ -96,13 +97,15 @@ def _train_epoch(model, norm, loader, optimizer, cfg: ClassifierConfig, device: 
         images = norm(batch.images.to(device, non_blocking=True))
         targets = batch.targets.to(device, non_blocking=True).float()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = loss_fn(model(images).float(), targets)
+            logits = model(images).float()
+            loss = loss_fn(logits, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         total += loss.item() * len(batch.keys)
+        correct += ((logits.detach() > 0) == (targets > 0)).float().mean(1).sum().item()
         seen += len(batch.keys)
-    return total / max(seen, 1), seen, time.perf_counter() - start
+    return total / max(seen, 1), correct / max(seen, 1), seen, time.perf_counter() - start
 
 
 def _state(cfg: ClassifierConfig, model: nn.Module, optimizer, epoch: int, step: int, attributes: tuple[str, ...]) -> dict[str, Any]:
@@ -140,17 +143,19 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = nn.parallel.DistributedDataParallel(model, device_ids=[session.device.index] if session.device.type == "cuda" else None)
     if cfg.optim.compile:
         model = torch.compile(model)
-    train, val = _loaders(cfg, session, attributes)
+    train, val, test_loader = _loaders(cfg, session, attributes)
     majority = majority_of(cfg.data.data, attributes)
+    log = RunLog(session.run_dir, to_dict(cfg), start_epoch) if session.rank == 0 else None
     for epoch in range(start_epoch, cfg.optim.epochs):
         train.dataset.set_epoch(epoch)
-        loss, seen, seconds = _train_epoch(model, norm, train, optimizer, cfg, session.device)
+        loss, train_acc, seen, seconds = _train_epoch(model, norm, train, optimizer, cfg, session.device)
         step += math.ceil(seen / cfg.data.batch_size)
         result = evaluate(model, norm, val, attributes, majority, session.device)
         metrics = {
             "epoch": epoch,
             "step": step,
             "train/loss": loss,
+            "train/mean_accuracy": train_acc,
             "train/images_per_s": seen * session.world_size / seconds if seconds else 0.0,
             "val/mean_accuracy": result["mean_accuracy"],
             "val/exact_match": result["exact_match"],
@@ -163,4 +168,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 f"(majority {result['mean_majority_baseline']:.4f})  {metrics['train/images_per_s']:.0f} img/s",
                 flush=True,
             )
+        if log is not None:
+            log.log(metrics)
         session.report(metrics, _state(cfg, model, optimizer, epoch, step, attributes) if session.rank == 0 else None)
+    test = evaluate(model, norm, test_loader, attributes, majority, session.device)
+    if log is not None:
+        log.finish(test, f"{cfg.name}: {cfg.data.task} on test ({test['samples']} images)")

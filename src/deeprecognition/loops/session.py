@@ -3,7 +3,6 @@ else a local run folder, so the same loop runs in one plain process (world size 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -49,7 +48,7 @@ class Session:
         return load_state(os.path.join(self.run_dir, done[-1])) if done else None
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
-        """Every rank calls this; rank 0's state becomes the checkpoint."""
+        """Every rank calls this; rank 0's state becomes the checkpoint (metrics logs: report.RunLog)."""
         if self.under_ray:
             import ray.train
 
@@ -69,5 +68,3 @@ class Session:
             target = os.path.join(self.run_dir, name)
             shutil.rmtree(target, ignore_errors=True)  # the same epoch, from a run that died after it
             os.replace(partial, target)
-        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as f:
-            f.write(json.dumps(metrics) + "\n")
