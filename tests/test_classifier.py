@@ -41,9 +41,13 @@ def config(data: str, storage: str, *overrides: str) -> ClassifierConfig:
     return apply_overrides(ClassifierConfig(), base + list(overrides))
 
 
-def epochs_logged(run_dir: str) -> list[int]:
+def epochs_logged_metrics(run_dir: str) -> list[dict]:
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        return [json.loads(line)["epoch"] for line in f]
+        return [json.loads(line) for line in f]
+
+
+def epochs_logged(run_dir: str) -> list[int]:
+    return [m["epoch"] for m in epochs_logged_metrics(run_dir)]
 
 
 def test_one_process_run_learns_then_resumes_where_it_stopped(faces64, tmp_path):
@@ -52,11 +56,14 @@ def test_one_process_run_learns_then_resumes_where_it_stopped(faces64, tmp_path)
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         last = json.loads(f.readlines()[-1])
     assert last["val/acc/Male"] > 0.75  # majority class in val is about 0.6
-    state = load_state(os.path.join(run_dir, "checkpoint_000002"))
+    state = load_state(os.path.join(run_dir, "checkpoint_000002"))  # the latest is always kept
     assert state["epoch"] == 2 and state["attributes"] == ["Male", "Smiling"]
     train_loop_per_worker(to_dict(config(faces64, str(tmp_path), "name=solo", "optim.epochs=5")))
     assert epochs_logged(run_dir) == [0, 1, 2, 3, 4]
     assert load_state(os.path.join(run_dir, "checkpoint_000004"))["step"] > state["step"]
+    kept = sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint_"))
+    best = max(epochs_logged_metrics(run_dir)[:4], key=lambda m: m["val/mean_accuracy"])["epoch"]
+    assert kept == sorted({f"checkpoint_{best:06d}", "checkpoint_000004"})  # the best plus the latest
     # What the run leaves beside its checkpoints
     with open(os.path.join(run_dir, "report.json")) as f:
         report = json.load(f)

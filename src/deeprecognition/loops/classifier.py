@@ -124,7 +124,7 @@ def _state(cfg: ClassifierConfig, model: nn.Module, optimizer, epoch: int, step:
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = from_dict(ClassifierConfig, config).validate()
     attributes = cfg.attributes()
-    session = Session.current(storage.join(cfg.storage, cfg.name), cfg.scale.gpu)
+    session = Session.current(storage.join(cfg.storage, cfg.name), cfg.scale.gpu, cfg.scale.keep_checkpoints)
     torch.manual_seed(cfg.optim.seed)
     image_size = read_manifest(cfg.data.data).image.size
     model = build_model(cfg, len(attributes), image_size).to(session.device)

@@ -3,6 +3,7 @@ else a local run folder, so the same loop runs in one plain process (world size 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -11,7 +12,7 @@ from typing import Any
 
 import torch
 
-from deeprecognition.checkpoint import load_state, write_checkpoint
+from deeprecognition.checkpoint import METRICS, load_state, write_checkpoint
 
 
 @dataclass
@@ -20,19 +21,20 @@ class Session:
     world_size: int
     device: torch.device
     under_ray: bool
-    run_dir: str  # local mode only: checkpoints and metrics.jsonl
+    run_dir: str  # the run's folder (local mode: also its checkpoints)
+    keep: int = 2  # local mode: checkpoints kept, the best by val/mean_accuracy, plus the latest
 
     @classmethod
-    def current(cls, run_dir: str, use_gpu: bool) -> Session:
+    def current(cls, run_dir: str, use_gpu: bool, keep: int) -> Session:
         try:
             import ray.train
             import ray.train.torch
 
             ctx = ray.train.get_context()
-            return cls(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), True, run_dir)
+            return cls(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), True, run_dir, keep)
         except RuntimeError:  # not inside a Ray Train worker
             device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-            return cls(0, 1, device, False, run_dir)
+            return cls(0, 1, device, False, run_dir, keep)
 
     def latest_state(self) -> dict[str, Any] | None:
         """The state of the latest checkpoint of this run, to resume from, or None."""
@@ -68,3 +70,14 @@ class Session:
             target = os.path.join(self.run_dir, name)
             shutil.rmtree(target, ignore_errors=True)  # the same epoch, from a run that died after it
             os.replace(partial, target)
+            self._prune(latest=name)
+
+    def _prune(self, latest: str) -> None:
+        """What Ray's CheckpointConfig(num_to_keep) does for a Ray run, for a local one."""
+        scored = []
+        for name in os.listdir(self.run_dir):
+            if name.startswith("checkpoint_") and name != latest:
+                with open(os.path.join(self.run_dir, name, METRICS)) as f:
+                    scored.append((json.load(f).get("val/mean_accuracy", float("-inf")), name))
+        for _, name in sorted(scored, reverse=True)[max(self.keep - 1, 0) :]:
+            shutil.rmtree(os.path.join(self.run_dir, name))
