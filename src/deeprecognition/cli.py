@@ -72,10 +72,12 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from deeprecognition.bench import bench_loader, bench_pack
+    from deeprecognition.bench import bench_loader, bench_pack, bench_train
 
     if args.what == "loader":
         result = bench_loader(args.data, num_workers=args.num_workers, limit=args.limit)
+    elif args.what == "train":
+        result = bench_train(args.data, steps=args.steps)
     else:
         result = bench_pack(args.data, limit=args.limit)
     if args.json:
@@ -226,8 +228,9 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_stats)
 
     p = sub.add_parser("bench", help="throughput benchmarks with their baselines")
-    p.add_argument("what", choices=["pack", "loader"])
-    p.add_argument("data", help="loader: a packed dataset; pack: a CelebA source")
+    p.add_argument("what", choices=["pack", "loader", "train"])
+    p.add_argument("data", help="loader, train: a packed dataset; pack: a CelebA source")
+    p.add_argument("--steps", type=int, default=30, help="train: steps per measured epoch [30]")
     p.add_argument("--num-workers", type=int, default=0, help="loader: DataLoader workers [0 = this process, one core]")
     p.add_argument("--limit", type=int, default=5000, help="images to measure [5000]")
     p.add_argument("--json", action="store_true")
