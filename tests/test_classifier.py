@@ -143,3 +143,16 @@ def test_cli_reports_a_failed_run_in_one_line(faces64, tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 1
     assert "the run failed: rank 0:" in err and "Traceback" not in err
+
+
+def test_frozen_backbone_head_trains_on_cached_features_and_matches_the_full_model(faces64, tmp_path):
+    cfg = config(faces64, str(tmp_path), "name=cached", "model.name=resnet50", "model.freeze=all", "model.weights=none",
+                 "optim.epochs=2", "optim.steps_per_epoch=6", "data.task=Male")
+    train_loop_per_worker(to_dict(cfg))
+    run_dir = tmp_path / "cached"
+    report = json.loads((run_dir / "report.json").read_text())
+    # The checkpoint holds the whole model: run on images, it agrees with the head run on the cache.
+    direct = evaluate_checkpoint(str(run_dir / "checkpoint_000001"), faces64, split="test")
+    assert abs(direct["mean_accuracy"] - report["mean_accuracy"]) <= 1 / report["samples"]
+    state = load_state(str(run_dir / "checkpoint_000001"))
+    assert any(k.startswith("backbone.") for k in state["model"]) and any(k.startswith("head.") for k in state["model"])

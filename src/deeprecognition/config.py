@@ -45,6 +45,7 @@ class ModelConfig:
     freeze: str = "paper"  # resnet50: all | none | paper (the study's first 45 Keras layers)
     weights: str = "imagenet"  # resnet50: imagenet (torch hub cache) | PATH | s3://... | none
     head_width: int = 512  # resnet50: first of the head's three dense layers
+    cache_features: bool = True  # resnet50 with freeze=all: backbone once per image, head on the cache
 
 
 @dataclass(kw_only=True)

@@ -18,6 +18,7 @@ from torch import nn
 from deeprecognition import storage
 from deeprecognition.checkpoint import restore_rng, rng_state
 from deeprecognition.config import ClassifierConfig, from_dict, to_dict
+from deeprecognition.loops.feature_cache import FeatureCache
 from deeprecognition.loops.session import Session
 from deeprecognition.metrics import AttributeMetrics, majority_vector
 from deeprecognition.report import RunLog
@@ -109,9 +110,8 @@ def _train_epoch(model, norm, loader, optimizer, cfg: ClassifierConfig, device: 
 
 
 def _state(cfg: ClassifierConfig, model: nn.Module, optimizer, epoch: int, step: int, attributes: tuple[str, ...]) -> dict[str, Any]:
-    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
     return {
-        "model": module.state_dict(),
+        "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "epoch": epoch,
         "step": step,
@@ -119,6 +119,22 @@ def _state(cfg: ClassifierConfig, model: nn.Module, optimizer, epoch: int, step:
         "config": to_dict(cfg),
         "attributes": list(attributes),
     }
+
+
+def _feature_caches(cfg: ClassifierConfig, session: Session, model: nn.Module, norm: nn.Module, attributes: tuple[str, ...]) -> list[FeatureCache]:
+    """Train, val and test as cached backbone features (each image through the backbone once)."""
+    caches = []
+    for split, training in (("train", True), ("val", False), ("test", False)):
+        loader = make_loader(
+            LoaderConfig(data=cfg.data.data, split=split, targets=attributes, training=False, batch_size=cfg.data.batch_size, num_workers=cfg.data.loader_workers),
+            session.rank, session.world_size,
+        )
+        caches.append(FeatureCache.build(model, norm, loader, session.device, training, session.world_size, cfg.optim.seed, session.rank))
+    return caches
+
+
+def uses_feature_cache(cfg: ClassifierConfig) -> bool:
+    return cfg.model.name == "resnet50" and cfg.model.freeze == "all" and cfg.model.cache_features
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -139,18 +155,23 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         optimizer.load_state_dict(state["optimizer"])
         restore_rng(state["rng"])
         start_epoch, step = state["epoch"] + 1, state["step"]
+    if uses_feature_cache(cfg):
+        train, val, test_loader = _feature_caches(cfg, session, model, norm, attributes)
+        runner, runner_norm = model.head, nn.Identity()
+    else:
+        train, val, test_loader = _loaders(cfg, session, attributes)
+        runner, runner_norm = model, norm
     if session.world_size > 1:
-        model = nn.parallel.DistributedDataParallel(model, device_ids=[session.device.index] if session.device.type == "cuda" else None)
+        runner = nn.parallel.DistributedDataParallel(runner, device_ids=[session.device.index] if session.device.type == "cuda" else None)
     if cfg.optim.compile:
-        model = torch.compile(model)
-    train, val, test_loader = _loaders(cfg, session, attributes)
+        runner = torch.compile(runner)
     majority = majority_of(cfg.data.data, attributes)
     log = RunLog(session.run_dir, to_dict(cfg), start_epoch) if session.rank == 0 else None
     for epoch in range(start_epoch, cfg.optim.epochs):
         train.dataset.set_epoch(epoch)
-        loss, train_acc, seen, seconds = _train_epoch(model, norm, train, optimizer, cfg, session.device)
+        loss, train_acc, seen, seconds = _train_epoch(runner, runner_norm, train, optimizer, cfg, session.device)
         step += math.ceil(seen / cfg.data.batch_size)
-        result = evaluate(model, norm, val, attributes, majority, session.device)
+        result = evaluate(runner, runner_norm, val, attributes, majority, session.device)
         metrics = {
             "epoch": epoch,
             "step": step,
@@ -173,6 +194,6 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         session.report(metrics, _state(cfg, model, optimizer, epoch, step, attributes) if session.rank == 0 else None)
     # A dataset packed from a partial CelebA copy may have no test images: report on val then.
     split, loader = ("test", test_loader) if read_manifest(cfg.data.data).splits["test"].samples else ("val", val)
-    final = evaluate(model, norm, loader, attributes, majority, session.device)
+    final = evaluate(runner, runner_norm, loader, attributes, majority, session.device)
     if log is not None:
         log.finish(final, f"{cfg.name}: {cfg.data.task} on {split} ({final['samples']} images)")
