@@ -7,10 +7,12 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 
 import pytest
+import torch
 
 from deeprecognition import storage
 from deeprecognition.celeba.synthetic import write_synthetic
@@ -156,3 +158,46 @@ def test_frozen_backbone_head_trains_on_cached_features_and_matches_the_full_mod
     assert abs(direct["mean_accuracy"] - report["mean_accuracy"]) <= 1 / report["samples"]
     state = load_state(str(run_dir / "checkpoint_000001"))
     assert any(k.startswith("backbone.") for k in state["model"]) and any(k.startswith("head.") for k in state["model"])
+
+
+def _ddp_probe(config: dict) -> None:
+    """Runs in each Ray Train worker: what this rank reads, and its weights after one DDP step."""
+    import ray.train
+
+    from deeprecognition.models.cnn import PaperCNN
+    from deeprecognition.shards.loader import LoaderConfig, make_loader
+
+    rank = ray.train.get_context().get_world_rank()
+    # The train split in evaluation mode: its 5 shards split between the ranks, each image once.
+    pass_keys = [k for b in make_loader(LoaderConfig(data=config["data"], split="train", training=False, num_workers=0)) for k in b.keys]
+    batch = next(iter(make_loader(LoaderConfig(data=config["data"], batch_size=16, num_workers=0, targets=("Male",)))))
+    torch.manual_seed(rank)  # a different init on each rank: DDP must start them all from rank 0's
+    model = torch.nn.parallel.DistributedDataParallel(PaperCNN(layers=2, num_outputs=1, image_size=64))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.nn.functional.binary_cross_entropy_with_logits(model(batch.images.float() / 255), batch.targets.float()).backward()
+    optimizer.step()
+    weights = torch.cat([p.detach().flatten() for p in model.parameters()])
+    with open(os.path.join(config["out"], f"rank{rank}.json"), "w") as f:
+        json.dump({"pass_keys": pass_keys, "train_keys": batch.keys, "weights": weights.tolist()}, f)
+    ray.train.report({"rank": rank})
+
+
+def test_ddp_ranks_read_different_shards_and_hold_the_same_weights_after_a_step(faces64, tmp_path):
+    import ray.cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
+    trainer = TorchTrainer(
+        _ddp_probe,
+        train_loop_config={"data": faces64, "out": str(tmp_path)},
+        scaling_config=ScalingConfig(num_workers=2),
+        run_config=RunConfig(storage_path=str(tmp_path / "storage"), name="probe"),
+    )
+    trainer.fit()
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["pass_keys"] and ranks[1]["pass_keys"]
+    assert not set(ranks[0]["pass_keys"]) & set(ranks[1]["pass_keys"])
+    assert len(ranks[0]["pass_keys"]) + len(ranks[1]["pass_keys"]) == read_manifest(faces64).splits["train"].samples
+    assert ranks[0]["train_keys"] != ranks[1]["train_keys"]
+    assert torch.equal(torch.tensor(ranks[0]["weights"]), torch.tensor(ranks[1]["weights"]))
