@@ -85,7 +85,7 @@ def test_two_worker_ddp_run_on_ray_checkpoints_to_s3(faces64, s3):
     cfg = config(faces64, f"s3://{BUCKET}/runs", "name=ddp", "optim.epochs=2", "optim.steps_per_epoch=4", "scale.num_workers=2")
     result = run(cfg)
     assert result.error is None
-    assert result.metrics["epoch"] == 1 and result.metrics["step"] == 8
+    assert result.metrics["epoch"] == 1 and result.metrics["step"] == 8 and result.metrics["world_size"] == 2
     assert result.checkpoint.path.startswith(f"{BUCKET}/runs/ddp/")
     state = load_state(f"s3://{result.checkpoint.path}")
     assert state["epoch"] == 1 and state["config"]["scale"]["num_workers"] == 2

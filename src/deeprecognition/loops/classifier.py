@@ -175,6 +175,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         metrics = {
             "epoch": epoch,
             "step": step,
+            "world_size": session.world_size,  # shows an elastic run shrinking or growing
             "train/loss": loss,
             "train/mean_accuracy": train_acc,
             "train/images_per_s": seen * session.world_size / seconds if seconds else 0.0,
