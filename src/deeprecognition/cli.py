@@ -132,6 +132,65 @@ def failure_summary(err: Exception) -> str:
     return "; ".join(lines) or str(err).strip().splitlines()[-1]
 
 
+_GAN_FLAGS = {
+    "data": "data.data", "where": "data.where", "arch": "model.arch", "loss": "model.loss", "latent": "model.latent",
+    "iterations": "optim.iterations", "batch_size": "data.batch_size", "mosaic_every": "schedule.mosaic_every",
+    "checkpoint_every": "schedule.checkpoint_every", "num_workers": "scale.num_workers", "gpu": "scale.gpu",
+    "max_failures": "scale.max_failures", "storage": "storage", "name": "name",
+}
+
+
+def gan_config(args: argparse.Namespace):
+    from deeprecognition.config import GAN_PRESETS, apply_overrides
+
+    if args.preset not in GAN_PRESETS:
+        raise ValueError(f"unknown GAN preset {args.preset!r}; presets: {', '.join(GAN_PRESETS)}")
+    flags = [f"{field}={getattr(args, flag)}" for flag, field in _GAN_FLAGS.items() if getattr(args, flag) not in (None, False)]
+    return apply_overrides(GAN_PRESETS[args.preset](), flags + list(args.set)).validate()
+
+
+def _train_gan(args: argparse.Namespace) -> int:
+    from ray.train import TrainingFailedError
+
+    from deeprecognition.config import to_dict
+    from deeprecognition.launch import run
+
+    cfg = gan_config(args)
+    if args.dry_run:
+        print(json.dumps(to_dict(cfg), indent=1))
+        return 0
+    try:
+        run(cfg)
+    except TrainingFailedError as err:
+        print(f"deeprec train gan: the run failed: {failure_summary(err)}", file=sys.stderr)
+        return 1
+    print(f"run {cfg.name} finished at iteration {cfg.optim.iterations}; mosaics in {cfg.storage}/{cfg.name}/mosaics")
+    return 0
+
+
+def _add_train_gan(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("gan", help="train the face GAN on Ray Train (DDP), iteration-based")
+    p.add_argument("--preset", default="paper-gan", help="paper-gan (the study's model) | dcgan [paper-gan]")
+    p.add_argument("--data", help="packed dataset (local or s3://)")
+    p.add_argument("--where", help='attribute conditions, e.g. "Attractive=1" (the preset\'s default) or "" for all faces')
+    p.add_argument("--arch", choices=["paper", "dcgan"])
+    p.add_argument("--loss", choices=["bce", "hinge"])
+    p.add_argument("--latent", type=int)
+    p.add_argument("--iterations", type=int, help="total; a larger value continues a finished run")
+    p.add_argument("--batch-size", type=int, help="per worker")
+    p.add_argument("--mosaic-every", type=int)
+    p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--num-workers", type=int)
+    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--max-failures", type=int)
+    p.add_argument("--storage")
+    p.add_argument("--name")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+    p.add_argument("--dry-run", action="store_true")
+    _add_storage_args(p)
+    p.set_defaults(run=_train_gan)
+
+
 def _add_train_classifier(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("classifier", help="train a CelebA attribute classifier on Ray Train (DDP)")
     p.add_argument("--preset", help="paper-cnn | paper-multilabel | paper-transfer")
@@ -253,6 +312,7 @@ def _parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="distributed training jobs").add_subparsers(dest="job", required=True)
     _add_train_classifier(train)
+    _add_train_gan(train)
     return parser
 
 

@@ -215,3 +215,86 @@ def apply_overrides(cfg: T, overrides: list[str]) -> T:
             raise ValueError(f"override {item!r}: unknown field {key!r}")
         node[leaf] = value
     return from_dict(type(cfg), data)
+
+
+# ----- the GAN --------------------------------------------------------------------------------
+
+
+@dataclass(kw_only=True)
+class GanModelConfig:
+    arch: str = "paper"  # paper (the study's Keras model) | dcgan
+    latent: int = 32
+    loss: str = "bce"  # bce (non-saturating) | hinge
+    ema_decay: float = 0.999  # the EMA generator draws mosaics (dcgan)
+
+
+@dataclass(kw_only=True)
+class GanDataConfig:
+    data: str = "shards/celeba-128"
+    where: str = "Attractive=1"  # the study trained on "Attractive" faces only
+    batch_size: int = 16  # per worker
+    loader_workers: int = 2
+    shuffle_buffer: int = 2000
+
+
+@dataclass(kw_only=True)
+class GanOptimConfig:
+    iterations: int = 1000
+    optimizer: str = "rmsprop"  # rmsprop | adam
+    lr_g: float = 1e-4
+    lr_d: float = 1e-4
+    beta1: float = 0.5  # adam
+    beta2: float = 0.999  # adam
+    clip: float = 1.0  # gradient-norm clip (the study's clipvalue); 0 = off
+    label_noise: float = 0.05
+    seed: int = 0
+
+
+@dataclass(kw_only=True)
+class GanScheduleConfig:
+    mosaic_every: int = 50
+    checkpoint_every: int = 200
+    log_every: int = 10
+
+
+@dataclass(kw_only=True)
+class GanConfig:
+    storage: str = "shards/runs"
+    name: str = "gan"
+    model: GanModelConfig = field(default_factory=GanModelConfig)
+    data: GanDataConfig = field(default_factory=GanDataConfig)
+    optim: GanOptimConfig = field(default_factory=GanOptimConfig)
+    schedule: GanScheduleConfig = field(default_factory=GanScheduleConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+
+    def validate(self) -> GanConfig:
+        from deeprecognition.shards.loader import parse_where
+
+        parse_where(self.data.where)
+        choices = (("model.arch", self.model.arch, ("paper", "dcgan")), ("model.loss", self.model.loss, ("bce", "hinge")), ("optim.optimizer", self.optim.optimizer, ("rmsprop", "adam")))
+        for name, value, allowed in choices:
+            if value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+        for name, value in (("optim.iterations", self.optim.iterations), ("data.batch_size", self.data.batch_size), ("model.latent", self.model.latent)):
+            if value < 1:
+                raise ValueError(f"{name} must be at least 1, got {value}")
+        return self
+
+
+def paper_gan() -> GanConfig:
+    """The study's GAN: latent 32, batch 16, RMSprop 1e-4 with clipping, label noise 0.05, trained on
+    Attractive faces; with real images scaled to [-1, 1] (the original fed [0, 1] to a tanh GAN)."""
+    return GanConfig(name="paper-gan")
+
+
+def modern_dcgan() -> GanConfig:
+    """A DCGAN with spectral norm, hinge loss, Adam(2e-4, 0.0/0.9) and an EMA generator."""
+    return GanConfig(
+        name="dcgan",
+        model=GanModelConfig(arch="dcgan", latent=128, loss="hinge"),
+        data=GanDataConfig(batch_size=64),
+        optim=GanOptimConfig(optimizer="adam", lr_g=2e-4, lr_d=2e-4, beta1=0.0, beta2=0.9, clip=0.0, label_noise=0.0),
+    )
+
+
+GAN_PRESETS: dict[str, Callable[[], GanConfig]] = {"paper-gan": paper_gan, "dcgan": modern_dcgan}

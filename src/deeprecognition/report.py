@@ -28,11 +28,11 @@ class RunLog:
     """Rank 0's record of a run. On resume it keeps the history up to the checkpoint's epoch:
     epochs trained after the last checkpoint were lost with the failure and are trained again."""
 
-    def __init__(self, run_uri: str, config: dict[str, Any], first_epoch: int) -> None:
+    def __init__(self, run_uri: str, config: dict[str, Any], resume_at: int, position: str = "epoch") -> None:
         from tensorboardX import SummaryWriter
 
         self.run_uri = run_uri
-        self.history = [m for m in read_history(run_uri) if m["epoch"] < first_epoch]
+        self.history = [m for m in read_history(run_uri) if m[position] < resume_at]
         storage.write_bytes_atomic(storage.join(run_uri, "training_options.json"), json.dumps(config, indent=1).encode())
         self._tb_dir = tempfile.mkdtemp(prefix="deeprec-tb-")
         self._tb = SummaryWriter(self._tb_dir)
@@ -42,7 +42,7 @@ class RunLog:
         lines = "".join(json.dumps(m) + "\n" for m in self.history)
         storage.write_bytes_atomic(storage.join(self.run_uri, METRICS_LOG), lines.encode())
         for key, value in metrics.items():
-            if isinstance(value, (int, float)) and key not in ("epoch", "step"):
+            if isinstance(value, (int, float)) and key not in ("epoch", "step", "iteration"):
                 self._tb.add_scalar(key, value, global_step=metrics["step"])
         self._tb.flush()
         for name in os.listdir(self._tb_dir):

@@ -64,7 +64,7 @@ class Session:
         os.makedirs(self.run_dir, exist_ok=True)
         if state is not None:
             # Written aside, then renamed: a half-written checkpoint is never the latest one.
-            name = f"checkpoint_{state['epoch']:06d}"
+            name = f"checkpoint_{state['epoch'] if 'epoch' in state else state['iteration']:06d}"
             partial = os.path.join(self.run_dir, f".{name}.tmp")
             write_checkpoint(partial, state, metrics)
             target = os.path.join(self.run_dir, name)
