@@ -106,20 +106,21 @@ def classifier_config(args: argparse.Namespace):
     return apply_overrides(cfg, flags + list(args.set)).validate()
 
 
-def _train_classifier(args: argparse.Namespace) -> int:
+def _train(args: argparse.Namespace) -> int:
+    """`deeprec train classifier|gan`: build the config from preset, flags and --set, then fit."""
+    from ray.train import TrainingFailedError
+
     from deeprecognition.config import to_dict
     from deeprecognition.launch import run
 
-    cfg = classifier_config(args)
+    cfg = classifier_config(args) if args.job == "classifier" else gan_config(args)
     if args.dry_run:
         print(json.dumps(to_dict(cfg), indent=1))
         return 0
-    from ray.train import TrainingFailedError
-
     try:
         result = run(cfg)
     except TrainingFailedError as err:
-        print(f"deeprec train classifier: the run failed: {failure_summary(err)}", file=sys.stderr)
+        print(f"deeprec train {args.job}: the run failed: {failure_summary(err)}", file=sys.stderr)
         return 1
     print(f"run {cfg.name} finished: latest checkpoint {result.checkpoint.path if result.checkpoint else None}")
     return 0
@@ -149,25 +150,6 @@ def gan_config(args: argparse.Namespace):
     return apply_overrides(GAN_PRESETS[args.preset](), flags + list(args.set)).validate()
 
 
-def _train_gan(args: argparse.Namespace) -> int:
-    from ray.train import TrainingFailedError
-
-    from deeprecognition.config import to_dict
-    from deeprecognition.launch import run
-
-    cfg = gan_config(args)
-    if args.dry_run:
-        print(json.dumps(to_dict(cfg), indent=1))
-        return 0
-    try:
-        run(cfg)
-    except TrainingFailedError as err:
-        print(f"deeprec train gan: the run failed: {failure_summary(err)}", file=sys.stderr)
-        return 1
-    print(f"run {cfg.name} finished at iteration {cfg.optim.iterations}; mosaics in {cfg.storage}/{cfg.name}/mosaics")
-    return 0
-
-
 def _add_train_gan(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("gan", help="train the face GAN on Ray Train (DDP), iteration-based")
     p.add_argument("--preset", default="paper-gan", help="paper-gan (the study's model) | dcgan [paper-gan]")
@@ -188,7 +170,7 @@ def _add_train_gan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     p.add_argument("--dry-run", action="store_true")
     _add_storage_args(p)
-    p.set_defaults(run=_train_gan)
+    p.set_defaults(run=_train)
 
 
 def _add_train_classifier(sub: argparse._SubParsersAction) -> None:
@@ -213,7 +195,7 @@ def _add_train_classifier(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="any config field, e.g. model.dense=256")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     _add_storage_args(p)
-    p.set_defaults(run=_train_classifier)
+    p.set_defaults(run=_train)
 
 
 def _evaluate(args: argparse.Namespace) -> int:
