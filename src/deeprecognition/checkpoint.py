@@ -62,10 +62,7 @@ def best_checkpoint(uri: str, metric: str = "val/mean_accuracy") -> str:
 def load_state(checkpoint: str) -> dict[str, Any]:
     """The state dict of a checkpoint folder, local or s3://, refusing anything but plain data."""
     uri = storage.join(checkpoint, STATE)
-    try:
-        raw = storage.read_bytes(uri)
-    except FileNotFoundError:
-        raise InputError(uri, "not found: a checkpoint folder holds state.pt and config.json") from None
+    raw = storage.read_required(uri, "a checkpoint folder holds state.pt and config.json")
     try:
         return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - the unpickler's refusal comes in several types

@@ -37,6 +37,16 @@ def task_attributes(task: str) -> tuple[str, ...]:
     return names
 
 
+def check_fields(choices: tuple[tuple[str, str, tuple[str, ...]], ...], positives: tuple[tuple[str, int], ...]) -> None:
+    """Refuse, by dotted field name, a value outside its choices or a count below 1."""
+    for name, value, allowed in choices:
+        if value not in allowed:
+            raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
+    for name, count in positives:
+        if count < 1:
+            raise ValueError(f"{name} must be at least 1, got {count}")
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     name: str = "cnn"  # cnn | resnet50
@@ -95,11 +105,10 @@ class ClassifierConfig:
             raise ValueError(f"model.name must be one of {', '.join(MODELS)}, got {self.model.name!r}")
         if not 1 <= self.model.layers <= 4:
             raise ValueError(f"model.layers must be 1..4 (the study's conv blocks), got {self.model.layers}")
-        if self.model.freeze not in ("all", "none", "paper"):
-            raise ValueError(f"model.freeze must be all, none or paper, got {self.model.freeze!r}")
-        for name, value in (("optim.epochs", self.optim.epochs), ("data.batch_size", self.data.batch_size), ("scale.num_workers", self.scale.num_workers)):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+        check_fields(
+            choices=(("model.freeze", self.model.freeze, ("all", "none", "paper")),),
+            positives=(("optim.epochs", self.optim.epochs), ("data.batch_size", self.data.batch_size), ("scale.num_workers", self.scale.num_workers)),
+        )
         return self
 
 
@@ -271,13 +280,10 @@ class GanConfig:
         from deeprecognition.shards.loader import parse_where
 
         parse_where(self.data.where)
-        choices = (("model.arch", self.model.arch, ("paper", "dcgan")), ("model.loss", self.model.loss, ("bce", "hinge")), ("optim.optimizer", self.optim.optimizer, ("rmsprop", "adam")))
-        for name, value, allowed in choices:
-            if value not in allowed:
-                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
-        for name, value in (("optim.iterations", self.optim.iterations), ("data.batch_size", self.data.batch_size), ("model.latent", self.model.latent)):
-            if value < 1:
-                raise ValueError(f"{name} must be at least 1, got {value}")
+        check_fields(
+            choices=(("model.arch", self.model.arch, ("paper", "dcgan")), ("model.loss", self.model.loss, ("bce", "hinge")), ("optim.optimizer", self.optim.optimizer, ("rmsprop", "adam"))),
+            positives=(("optim.iterations", self.optim.iterations), ("data.batch_size", self.data.batch_size), ("model.latent", self.model.latent)),
+        )
         return self
 
 

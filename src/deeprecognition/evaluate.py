@@ -20,11 +20,12 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "test", batch_s
     # The weights come from the checkpoint: never look for ImageNet weights here.
     cfg = apply_overrides(from_dict(ClassifierConfig, state["config"]), ["model.weights=none"])
     attributes = tuple(state["attributes"])
-    model = build_model(cfg, len(attributes), read_manifest(data).image.size)
+    manifest = read_manifest(data)
+    model = build_model(cfg, len(attributes), manifest.image.size)
     model.load_state_dict(state["model"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     loader = make_loader(LoaderConfig(data=data, split=split, targets=attributes, training=False, batch_size=batch_size, num_workers=2), rank=0, world_size=1)
-    result = evaluate(model.to(device), InputNorm(cfg.model.name).to(device), loader, attributes, majority_of(data, attributes), device)
+    result = evaluate(model.to(device), InputNorm(cfg.model.name).to(device), loader, attributes, majority_of(manifest, attributes), device)
     return {
         "task": cfg.data.task,
         "checkpoint": folder,

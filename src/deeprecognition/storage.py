@@ -109,6 +109,16 @@ def read_bytes(uri: str) -> bytes:
     return retrying(f"read {uri}", lambda: fs.cat_file(path))
 
 
+def read_required(uri: str, what_it_is: str) -> bytes:
+    """read_bytes, with a missing object reported as an InputError saying what belongs there."""
+    from deeprecognition.errors import InputError
+
+    try:
+        return read_bytes(uri)
+    except FileNotFoundError:
+        raise InputError(uri, f"not found: {what_it_is}") from None
+
+
 def read_buffer(uri: str) -> tuple[bytes | mmap.mmap, tuple[int, int, int] | None]:
     """A whole object for reading by offset, and for a local file its (inode, size, mtime_ns).
 

@@ -23,7 +23,7 @@ from deeprecognition.loops.session import Session
 from deeprecognition.metrics import AttributeMetrics, majority_vector
 from deeprecognition.report import RunLog
 from deeprecognition.shards.loader import LoaderConfig, make_loader
-from deeprecognition.shards.manifest import read_manifest
+from deeprecognition.shards.manifest import Manifest, read_manifest
 
 
 def build_model(cfg: ClassifierConfig, num_outputs: int, image_size: int) -> nn.Module:
@@ -65,9 +65,8 @@ def _loaders(cfg: ClassifierConfig, session: Session, attributes: tuple[str, ...
     return train, val, test
 
 
-def majority_of(data: str, attributes: tuple[str, ...]) -> torch.Tensor:
+def majority_of(manifest: Manifest, attributes: tuple[str, ...]) -> torch.Tensor:
     """Each label's majority class in the train split: the floor every metric is shown with."""
-    manifest = read_manifest(data)
     counts = torch.tensor([s.attribute_counts for s in manifest.shards("train")]).sum(0)
     return majority_vector(counts[[manifest.attributes.index(a) for a in attributes]], manifest.splits["train"].samples)
 
@@ -142,8 +141,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     attributes = cfg.attributes()
     session = Session.current(storage.join(cfg.storage, cfg.name), cfg.scale.gpu, cfg.scale.keep_checkpoints)
     torch.manual_seed(cfg.optim.seed)
-    image_size = read_manifest(cfg.data.data).image.size
-    model = build_model(cfg, len(attributes), image_size).to(session.device)
+    manifest = read_manifest(cfg.data.data)
+    model = build_model(cfg, len(attributes), manifest.image.size).to(session.device)
     if session.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     norm = InputNorm(cfg.model.name).to(session.device)
@@ -165,7 +164,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         runner = nn.parallel.DistributedDataParallel(runner, device_ids=[session.device.index] if session.device.type == "cuda" else None)
     if cfg.optim.compile:
         runner = torch.compile(runner)
-    majority = majority_of(cfg.data.data, attributes)
+    majority = majority_of(manifest, attributes)
     log = RunLog(session.run_dir, to_dict(cfg), start_epoch) if session.rank == 0 else None
     for epoch in range(start_epoch, cfg.optim.epochs):
         train.dataset.set_epoch(epoch)
@@ -194,7 +193,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             log.log(metrics)
         session.report(metrics, _state(cfg, model, optimizer, epoch, step, attributes) if session.rank == 0 else None)
     # A dataset packed from a partial CelebA copy may have no test images: report on val then.
-    split, loader = ("test", test_loader) if read_manifest(cfg.data.data).splits["test"].samples else ("val", val)
+    split, loader = ("test", test_loader) if manifest.splits["test"].samples else ("val", val)
     final = evaluate(runner, runner_norm, loader, attributes, majority, session.device)
     if log is not None:
         log.finish(final, f"{cfg.name}: {cfg.data.task} on {split} ({final['samples']} images)")

@@ -126,10 +126,7 @@ def manifest_from_dict(data: dict[str, Any], path: str = MANIFEST) -> Manifest:
 def read_manifest(dataset: str) -> Manifest:
     """The manifest of a dataset folder (local or s3://); a clear error when there is none."""
     path = storage.join(dataset, MANIFEST)
-    try:
-        raw = storage.read_bytes(path)
-    except FileNotFoundError:
-        raise InputError(path, "not found: a dataset is a folder with manifest.json (run `deeprec pack SRC DEST` first; an interrupted pack has no manifest yet, run it again)") from None
+    raw = storage.read_required(path, "a dataset is a folder with manifest.json (run `deeprec pack SRC DEST` first; an interrupted pack has no manifest yet, run it again)")
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as err:
