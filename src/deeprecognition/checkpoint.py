@@ -6,6 +6,7 @@ weights_only=True)` reads it back: a checkpoint from shared storage cannot execu
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -20,6 +21,10 @@ from deeprecognition.errors import InputError
 STATE = "state.pt"
 CONFIG = "config.json"
 METRICS = "metrics.json"
+# sha256 and size of the files above, computed here before Ray uploads the folder: `deeprec
+# checkpoints pull` checks the bytes it receives against what the trainer wrote, which S3's ETags
+# cannot tell (Ray's pyarrow uploads are multipart, whose ETag is not a digest of the object).
+CHECKSUMS = "checksums.json"
 
 
 def rng_state() -> dict[str, Any]:
@@ -37,13 +42,26 @@ def restore_rng(state: dict[str, Any]) -> None:
 
 
 def write_checkpoint(folder: str, state: dict[str, Any], metrics: dict[str, Any]) -> None:
-    """state.pt, config.json and metrics.json into a local folder (Ray Train uploads it to the
-    run's storage); metrics.json lets the best checkpoint be found without loading any state."""
+    """state.pt, config.json, metrics.json and their checksums.json into a local folder (Ray Train
+    uploads it to the run's storage); metrics.json lets the best checkpoint be found without
+    loading any state."""
     os.makedirs(folder, exist_ok=True)
     torch.save(state, os.path.join(folder, STATE))
     for name, content in ((CONFIG, state["config"]), (METRICS, metrics)):
         with open(os.path.join(folder, name), "w") as f:
             json.dump(content, f, indent=1)
+    paths = {name: os.path.join(folder, name) for name in (STATE, CONFIG, METRICS)}
+    with open(os.path.join(folder, CHECKSUMS), "w") as f:
+        json.dump({name: {"bytes": os.path.getsize(p), "sha256": file_digest(p)} for name, p in paths.items()}, f, indent=1)
+
+
+def file_digest(path: str, algorithm: str = "sha256") -> str:
+    """Hex digest of a local file, read in 8 MiB blocks."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while block := f.read(8 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def best_checkpoint(uri: str, metric: str = "val/mean_accuracy") -> str:

@@ -137,7 +137,9 @@ _GAN_FLAGS = {
     "data": "data.data", "where": "data.where", "arch": "model.arch", "loss": "model.loss", "latent": "model.latent",
     "iterations": "optim.iterations", "batch_size": "data.batch_size", "mosaic_every": "schedule.mosaic_every",
     "checkpoint_every": "schedule.checkpoint_every", "num_workers": "scale.num_workers", "gpu": "scale.gpu",
-    "max_failures": "scale.max_failures", "storage": "storage", "name": "name",
+    "max_failures": "scale.max_failures", "storage": "storage", "name": "name", "where_classifier": "data.where_classifier",
+    "threshold": "data.threshold", "eval_every": "schedule.eval_every", "classifier": "eval.classifier",
+    "inception_weights": "eval.inception_weights", "eval_samples": "eval.samples",
 }
 
 
@@ -160,8 +162,14 @@ def _add_train_gan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--latent", type=int)
     p.add_argument("--iterations", type=int, help="total; a larger value continues a finished run")
     p.add_argument("--batch-size", type=int, help="per worker")
+    p.add_argument("--where-classifier", metavar="CKPT", help="keep the real faces this trained classifier scores >= --threshold")
+    p.add_argument("--threshold", type=float, help="for --where-classifier [0.5]")
     p.add_argument("--mosaic-every", type=int)
     p.add_argument("--checkpoint-every", type=int)
+    p.add_argument("--eval-every", type=int, help="FID/KID and attribute rates every N iterations (needs --classifier or --inception-weights)")
+    p.add_argument("--classifier", metavar="CKPT", help="trained classifier: attribute rates, and FID features without Inception")
+    p.add_argument("--inception-weights", metavar="PATH", help="FID Inception weights file (local or s3://)")
+    p.add_argument("--eval-samples", type=int, help="faces per evaluation [1000]")
     p.add_argument("--num-workers", type=int)
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--max-failures", type=int)
@@ -207,6 +215,32 @@ def _evaluate(args: argparse.Namespace) -> int:
         print(json.dumps({k: v for k, v in result.items() if k != "metrics"}))
     else:
         print(format_report(result["metrics"], f"{result['task']} on {args.split} ({result['samples']} images), {result['checkpoint']}"))
+    return 0
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from deeprecognition.generate import generate_grid
+
+    gan = generate_grid(args.checkpoint, args.out, n=args.n, seed=args.seed, ema=False if args.no_ema else None)
+    print(f"{args.n} faces from {gan.checkpoint} (iteration {gan.iteration}) written to {args.out}")
+    return 0
+
+
+def _evaluate_gan(args: argparse.Namespace) -> int:
+    from deeprecognition.gan_eval import evaluate_gan
+
+    result = evaluate_gan(args.checkpoint, data=args.data or "", classifier=args.classifier or "", inception_weights=args.inception_weights or "",
+                          samples=args.samples, seed=args.seed, ema=False if args.no_ema else None)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{result['checkpoint']} (iteration {result['iteration']}): {result['samples']} generated vs {result['real_samples']} real faces (where {result['where'] or 'all'})")
+    print(f"features: {result['feature_extractor']}")
+    print(f"FID {result['fid']:.2f}   KID {result['kid']:.4f} ± {result['kid_std']:.4f}")
+    if result["attribute_rate"]:
+        print(f"{'attribute':<22}{'generated':>10}{'real':>8}")
+        for name, rate in result["attribute_rate"].items():
+            print(f"{name:<22}{rate:>10.3f}{result['data_attribute_rate'][name]:>8.3f}")
     return 0
 
 
@@ -291,6 +325,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="PNG to write (local or s3://)")
     _add_storage_args(p)
     p.set_defaults(run=_curves)
+
+    p = sub.add_parser("generate", help="faces from a trained GAN as a grid PNG")
+    p.add_argument("checkpoint", help="a GAN checkpoint folder or a run folder (its latest checkpoint), local or s3://")
+    p.add_argument("--n", type=int, default=36, help="faces [36: a 6x6 grid]")
+    p.add_argument("--out", required=True, help="PNG to write (local or s3://)")
+    p.add_argument("--seed", type=int, default=0, help="latent seed: the same seed gives the same faces")
+    p.add_argument("--no-ema", action="store_true", help="draw with G instead of its EMA copy (dcgan's default painter)")
+    _add_storage_args(p)
+    p.set_defaults(run=_generate)
+
+    p = sub.add_parser("evaluate-gan", help="FID/KID of a GAN checkpoint and the attribute rates of its faces")
+    p.add_argument("checkpoint", help="a GAN checkpoint folder or a run folder (its latest checkpoint), local or s3://")
+    p.add_argument("--data", help="packed dataset of the real faces [the run's own]")
+    p.add_argument("--classifier", metavar="CKPT", help="trained classifier: attribute rates, and FID features without Inception")
+    p.add_argument("--inception-weights", metavar="PATH", help="FID Inception weights (else the torch hub cache, else the classifier)")
+    p.add_argument("--samples", type=int, default=1000, help="generated and real faces [1000]")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-ema", action="store_true", help="evaluate G instead of its EMA copy")
+    p.add_argument("--json", action="store_true")
+    _add_storage_args(p)
+    p.set_defaults(run=_evaluate_gan)
 
     train = sub.add_parser("train", help="distributed training jobs").add_subparsers(dest="job", required=True)
     _add_train_classifier(train)

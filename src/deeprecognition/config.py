@@ -235,6 +235,7 @@ class GanModelConfig:
     latent: int = 32
     loss: str = "bce"  # bce (non-saturating) | hinge
     ema_decay: float = 0.999  # the EMA generator draws mosaics (dcgan)
+    width: int = 64  # dcgan: channels of the last generator / first discriminator block
 
 
 @dataclass(kw_only=True)
@@ -244,6 +245,11 @@ class GanDataConfig:
     batch_size: int = 16  # per worker
     loader_workers: int = 2
     shuffle_buffer: int = 2000
+    # The study's "a network decides which faces are attractive": keep the real faces that this
+    # trained classifier (checkpoint or run folder) scores >= threshold on classifier_attribute.
+    where_classifier: str = ""
+    threshold: float = 0.5
+    classifier_attribute: str = ""  # default: the classifier's only attribute
 
 
 @dataclass(kw_only=True)
@@ -264,6 +270,14 @@ class GanScheduleConfig:
     mosaic_every: int = 50
     checkpoint_every: int = 200
     log_every: int = 10
+    eval_every: int = 0  # FID/KID and attribute rates every N iterations; 0 = off
+
+
+@dataclass(kw_only=True)
+class GanEvalConfig:
+    classifier: str = ""  # a trained classifier: attribute rates, and FID features without Inception
+    inception_weights: str = ""  # FID Inception weights file (pt_inception-2015-12-05-*.pth) or s3://
+    samples: int = 1000  # generated and real faces per evaluation
 
 
 @dataclass(kw_only=True)
@@ -274,6 +288,7 @@ class GanConfig:
     data: GanDataConfig = field(default_factory=GanDataConfig)
     optim: GanOptimConfig = field(default_factory=GanOptimConfig)
     schedule: GanScheduleConfig = field(default_factory=GanScheduleConfig)
+    eval: GanEvalConfig = field(default_factory=GanEvalConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
 
     def validate(self) -> GanConfig:
@@ -282,8 +297,13 @@ class GanConfig:
         parse_where(self.data.where)
         check_fields(
             choices=(("model.arch", self.model.arch, ("paper", "dcgan")), ("model.loss", self.model.loss, ("bce", "hinge")), ("optim.optimizer", self.optim.optimizer, ("rmsprop", "adam"))),
-            positives=(("optim.iterations", self.optim.iterations), ("data.batch_size", self.data.batch_size), ("model.latent", self.model.latent)),
+            positives=(("optim.iterations", self.optim.iterations), ("data.batch_size", self.data.batch_size), ("model.latent", self.model.latent),
+                       ("model.width", self.model.width), ("eval.samples", self.eval.samples)),
         )
+        if not 0 < self.data.threshold < 1:
+            raise ValueError(f"data.threshold must be between 0 and 1, got {self.data.threshold}")
+        if self.schedule.eval_every and not (self.eval.classifier or self.eval.inception_weights):
+            raise ValueError("schedule.eval_every needs eval.classifier (a trained classifier checkpoint) or eval.inception_weights")
         return self
 
 

@@ -7,25 +7,22 @@ from typing import Any
 
 import torch
 
-from deeprecognition.checkpoint import best_checkpoint, load_state
-from deeprecognition.config import ClassifierConfig, apply_overrides, from_dict
-from deeprecognition.loops.classifier import InputNorm, build_model, evaluate, majority_of
+from deeprecognition.errors import InputError
+from deeprecognition.loops.classifier import evaluate, majority_of
 from deeprecognition.shards.loader import LoaderConfig, make_loader
 from deeprecognition.shards.manifest import read_manifest
+from deeprecognition.trained import TrainedClassifier
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, split: str = "test", batch_size: int = 256) -> dict[str, Any]:
-    folder = best_checkpoint(checkpoint)
-    state = load_state(folder)
-    # The weights come from the checkpoint: never look for ImageNet weights here.
-    cfg = apply_overrides(from_dict(ClassifierConfig, state["config"]), ["model.weights=none"])
-    attributes = tuple(state["attributes"])
-    manifest = read_manifest(data)
-    model = build_model(cfg, len(attributes), manifest.image.size)
-    model.load_state_dict(state["model"])
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    classifier = TrainedClassifier.load(checkpoint, device)
+    attributes, cfg, folder = classifier.attributes, classifier.config, classifier.checkpoint
+    manifest = read_manifest(data)
+    if manifest.image.size != classifier.image_size:
+        raise InputError(data, f"holds {manifest.image.size} px images; {folder} was trained on {classifier.image_size} px: evaluate on a dataset packed at that size")
     loader = make_loader(LoaderConfig(data=data, split=split, targets=attributes, training=False, batch_size=batch_size, num_workers=2), rank=0, world_size=1)
-    result = evaluate(model.to(device), InputNorm(cfg.model.name).to(device), loader, attributes, majority_of(manifest, attributes), device)
+    result = evaluate(classifier.model, classifier.norm, loader, attributes, majority_of(manifest, attributes), device)
     return {
         "task": cfg.data.task,
         "checkpoint": folder,

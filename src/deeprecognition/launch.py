@@ -1,15 +1,23 @@
-"""`deeprec train classifier|gan`: a Ray Train TorchTrainer (Train V2) around a per-worker loop."""
+"""`deeprec train classifier|gan` and each trial of `deeprec tune`: a Ray Train TorchTrainer (Train V2)
+around a per-worker loop."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from typing import TypeVar
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, TypeVar
+
+import torch
 
 from deeprecognition import storage
 from deeprecognition.config import ClassifierConfig, GanConfig, to_dict
 from deeprecognition.loops.classifier import train_loop_per_worker
 from deeprecognition.shards.manifest import read_manifest
+
+if TYPE_CHECKING:
+    from ray.train import Result, UserCallback
+    from ray.train.torch import TorchTrainer
 
 T = TypeVar("T", ClassifierConfig, GanConfig)
 
@@ -22,6 +30,21 @@ def check_before_workers(cfg: ClassifierConfig | GanConfig) -> None:
         from deeprecognition.models.transfer import load_backbone_weights
 
         load_backbone_weights(cfg.model.weights)
+    if isinstance(cfg, GanConfig):
+        _check_gan_inputs(cfg)
+
+
+def _check_gan_inputs(cfg: GanConfig) -> None:
+    """The classifiers and Inception weights a GAN run names must load, before workers start."""
+    from deeprecognition.gan_eval import inception_extractor
+    from deeprecognition.trained import TrainedClassifier
+
+    if cfg.data.where_classifier:
+        TrainedClassifier.load(cfg.data.where_classifier).attribute_index(cfg.data.classifier_attribute)
+    if cfg.eval.classifier:
+        TrainedClassifier.load(cfg.eval.classifier)
+    if cfg.eval.inception_weights:
+        inception_extractor(cfg.eval.inception_weights, torch.device("cpu"))
 
 
 def ray_storage_path(uri: str) -> str:
@@ -32,20 +55,26 @@ def ray_storage_path(uri: str) -> str:
 def absolute_paths(cfg: T) -> T:
     """Ray's workers run in their own working directory: a relative local path must not reach them."""
     data = dataclasses.replace(cfg.data, data=ray_storage_path(cfg.data.data))
+    if isinstance(cfg, GanConfig):
+        data = dataclasses.replace(data, where_classifier=_absolute(cfg.data.where_classifier))
+        evaluation = dataclasses.replace(cfg.eval, classifier=_absolute(cfg.eval.classifier), inception_weights=_absolute(cfg.eval.inception_weights))
+        return dataclasses.replace(cfg, data=data, eval=evaluation, storage=ray_storage_path(cfg.storage))
     return dataclasses.replace(cfg, data=data, storage=ray_storage_path(cfg.storage))
 
 
-def run(cfg: ClassifierConfig | GanConfig):
-    """Fit the classifier or the GAN on the Ray cluster (RAY_ADDRESS, or a local one); returns
-    Ray's Result. Classifier checkpoints are kept by validation accuracy, GAN ones by recency."""
+def _absolute(uri: str) -> str:
+    return ray_storage_path(uri) if uri else uri
+
+
+def build_trainer(cfg: ClassifierConfig | GanConfig, callbacks: Sequence[UserCallback] = ()) -> TorchTrainer:
+    """The TorchTrainer of a checked config with absolute paths, its run at `cfg.storage/cfg.name`.
+    Classifier checkpoints are kept by validation accuracy, GAN ones by recency. `callbacks` see
+    every report (a Tune sweep passes TuneReportCallback to carry the metrics to its scheduler)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from deeprecognition.raycluster import ensure_ray, worker_runtime_env
+    from deeprecognition.raycluster import worker_runtime_env
 
-    cfg = absolute_paths(cfg)
-    check_before_workers(cfg)
-    ensure_ray()
     scale = cfg.scale
     workers = (scale.elastic_min, scale.num_workers) if scale.elastic_min else scale.num_workers
     if isinstance(cfg, GanConfig):
@@ -55,7 +84,7 @@ def run(cfg: ClassifierConfig | GanConfig):
     else:
         loop = train_loop_per_worker
         keep = CheckpointConfig(num_to_keep=scale.keep_checkpoints, checkpoint_score_attribute="val/mean_accuracy", checkpoint_score_order="max")
-    trainer = TorchTrainer(
+    return TorchTrainer(
         loop,
         train_loop_config=to_dict(cfg),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=scale.gpu),
@@ -65,6 +94,17 @@ def run(cfg: ClassifierConfig | GanConfig):
             failure_config=FailureConfig(max_failures=scale.max_failures, controller_failure_limit=3),
             checkpoint_config=keep,
             worker_runtime_env=worker_runtime_env(),
+            callbacks=list(callbacks),
         ),
     )
-    return trainer.fit()
+
+
+def run(cfg: ClassifierConfig | GanConfig) -> Result:
+    """Fit the classifier or the GAN on the Ray cluster (RAY_ADDRESS, or a local one); returns
+    Ray's Result."""
+    from deeprecognition.raycluster import ensure_ray
+
+    cfg = absolute_paths(cfg)
+    check_before_workers(cfg)
+    ensure_ray()
+    return build_trainer(cfg).fit()

@@ -34,6 +34,15 @@ def ensure_ray() -> None:
         ray.init(address="local", runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
 
 
+def cluster_capacity() -> dict[str, float]:
+    """The most of each resource this cluster can ever hold: its autoscaler's node types at their
+    max counts when it has an autoscaler (GPU nodes may not exist yet), else what it has now."""
+    import ray
+    from ray._private.state import state  # what Ray Train itself asks before placing workers
+
+    return dict(state.get_max_resources_from_cluster_config() or ray.cluster_resources())
+
+
 def cluster_cpus() -> int:
     import ray
 

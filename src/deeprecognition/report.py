@@ -37,13 +37,19 @@ class RunLog:
         self._tb_dir = tempfile.mkdtemp(prefix="deeprec-tb-")
         self._tb = SummaryWriter(self._tb_dir)
 
-    def log(self, metrics: dict[str, Any]) -> None:
+    def log(self, metrics: dict[str, Any], flush: bool = True) -> None:
+        """Record one line; `flush` rewrites metrics.jsonl and the TensorBoard events in storage
+        (S3 has no append: a long GAN schedule flushes at checkpoints, not every line)."""
         self.history.append(metrics)
-        lines = "".join(json.dumps(m) + "\n" for m in self.history)
-        storage.write_bytes_atomic(storage.join(self.run_uri, METRICS_LOG), lines.encode())
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and key not in ("epoch", "step", "iteration"):
                 self._tb.add_scalar(key, value, global_step=metrics["step"])
+        if flush:
+            self.flush()
+
+    def flush(self) -> None:
+        lines = "".join(json.dumps(m) + "\n" for m in self.history)
+        storage.write_bytes_atomic(storage.join(self.run_uri, METRICS_LOG), lines.encode())
         self._tb.flush()
         for name in os.listdir(self._tb_dir):
             with open(os.path.join(self._tb_dir, name), "rb") as f:

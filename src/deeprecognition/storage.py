@@ -17,6 +17,7 @@ import os
 import tempfile
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import IO, Any, Callable, TypeVar
 
 log = logging.getLogger(__name__)
@@ -184,6 +185,37 @@ def list_sizes(uri: str) -> dict[str, int]:
 def list_folders(uri: str) -> list[str]:
     """Names of the folders (S3: common prefixes) directly inside a folder, sorted."""
     return sorted(name for name, kind, _ in _entries(uri) if kind == "directory")
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    size: int
+    etag: str | None  # S3's ETag without its quotes; None for local files
+
+
+def walk(uri: str) -> dict[str, ObjectInfo]:
+    """Every file under a folder, recursively, keyed by its path relative to the folder with "/"
+    separators, exactly as stored (an S3 key may hold "..": callers that write it must check).
+    One paginated listing on S3; {} when the folder does not exist."""
+    fs, path = filesystem(uri)
+    if not is_remote(uri):
+        found = {}
+        for folder, _, names in os.walk(path):
+            for name in names:
+                full = os.path.join(folder, name)
+                found[os.path.relpath(full, path).replace(os.sep, "/")] = ObjectInfo(os.path.getsize(full), None)
+        return found
+
+    def find() -> dict[str, ObjectInfo]:
+        fs.invalidate_cache(path)
+        prefix = path.rstrip("/") + "/"
+        return {
+            key[len(prefix) :]: ObjectInfo(int(e["size"]), (e.get("ETag") or "").strip('"') or None)
+            for key, e in fs.find(path, detail=True).items()
+            if key.startswith(prefix) and e.get("type") == "file"
+        }
+
+    return retrying(f"walk {uri}", find)
 
 
 def makedirs(uri: str) -> None:

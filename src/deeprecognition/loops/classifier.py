@@ -108,8 +108,9 @@ def _train_epoch(model, norm, loader, optimizer, cfg: ClassifierConfig, device: 
     return total / max(seen, 1), correct / max(seen, 1), seen, time.perf_counter() - start
 
 
-def _state(cfg: ClassifierConfig, model: nn.Module, optimizer, epoch: int, step: int, attributes: tuple[str, ...]) -> dict[str, Any]:
+def _state(cfg: ClassifierConfig, model: nn.Module, optimizer, epoch: int, step: int, attributes: tuple[str, ...], image_size: int) -> dict[str, Any]:
     return {
+        "image_size": image_size,  # the model's input side: the CNN's dense layer depends on it
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
         "epoch": epoch,
@@ -191,7 +192,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
         if log is not None:
             log.log(metrics)
-        session.report(metrics, _state(cfg, model, optimizer, epoch, step, attributes) if session.rank == 0 else None)
+        session.report(metrics, _state(cfg, model, optimizer, epoch, step, attributes, manifest.image.size) if session.rank == 0 else None)
     # A dataset packed from a partial CelebA copy may have no test images: report on val then.
     split, loader = ("test", test_loader) if manifest.splits["test"].samples else ("val", val)
     final = evaluate(runner, runner_norm, loader, attributes, majority, session.device)

@@ -7,38 +7,29 @@ learns through D's plain module with D's parameters frozen, so no D gradient is 
 
 from __future__ import annotations
 
-import io
-import math
+import json
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from deeprecognition import storage
 from deeprecognition.checkpoint import restore_rng, rng_state
 from deeprecognition.config import GanConfig, from_dict, to_dict
+from deeprecognition.generate import contact_sheet_png, grid_png
+from deeprecognition.loops.gan_data import real_batches, reference_faces
 from deeprecognition.loops.session import Session
-from deeprecognition.models.gan import build_gan, d_loss, ema_copy, g_loss, to_tanh_range, to_uint8, update_ema
+from deeprecognition.models.gan import build_gan, d_loss, draws_with_ema, ema_copy, ema_decay_at, g_loss, to_tanh_range, to_uint8, update_ema
 from deeprecognition.report import RunLog
-from deeprecognition.shards.loader import LoaderConfig, make_loader, parse_where
 from deeprecognition.shards.manifest import read_manifest
 
 MOSAIC = 36  # the study's 6x6 grid
+EVAL_SEED = 1234  # the same latents at every evaluation: metrics move with the model only
 
 
-def mosaic_png(images: torch.Tensor) -> bytes:
-    """A square grid PNG of (N, 3, S, S) images in [-1, 1]."""
-    from PIL import Image
-
-    n, _, size, _ = images.shape
-    side = math.ceil(math.sqrt(n))
-    grid = torch.zeros((3, side * size, side * size), dtype=torch.uint8)
-    for i, img in enumerate(to_uint8(images.float().cpu())):
-        row, col = divmod(i, side)
-        grid[:, row * size : (row + 1) * size, col * size : (col + 1) * size] = img
-    buf = io.BytesIO()
-    Image.fromarray(grid.permute(1, 2, 0).numpy()).save(buf, format="PNG")
-    return buf.getvalue()
+def _unwrap(module: nn.Module) -> nn.Module:
+    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
 def _optimizer(cfg: GanConfig, params, lr: float) -> torch.optim.Optimizer:
@@ -47,35 +38,19 @@ def _optimizer(cfg: GanConfig, params, lr: float) -> torch.optim.Optimizer:
     return torch.optim.RMSprop(params, lr=lr)
 
 
-def _real_batches(cfg: GanConfig, session: Session):
-    """An endless stream of real uint8 batches matching --where, this rank's share."""
-    config = LoaderConfig(
-        data=cfg.data.data, split="train", targets=(), where=parse_where(cfg.data.where), batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.loader_workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.optim.seed,
-    )
-    loader = make_loader(config, session.rank, session.world_size, pin_memory=session.device.type == "cuda")
-    epoch = 0
-    while True:
-        loader.dataset.set_epoch(epoch)
-        for batch in loader:
-            if len(batch.keys) == cfg.data.batch_size:  # equal batches on every rank
-                yield batch.images
-        epoch += 1
-
-
 def _clip(module: nn.Module, limit: float) -> None:
     if limit > 0:
         nn.utils.clip_grad_norm_(module.parameters(), limit)
 
 
-def _step(cfg: GanConfig, nets: dict[str, Any], real: torch.Tensor, device: torch.device) -> dict[str, float]:
+def _step(cfg: GanConfig, nets: dict[str, Any], real: torch.Tensor, noise: torch.Generator, iteration: int) -> dict[str, float]:
     G, D, opt_g, opt_d = nets["G"], nets["D"], nets["opt_g"], nets["opt_d"]
-    plain_d = D.module if isinstance(D, nn.parallel.DistributedDataParallel) else D
-    batch = real.shape[0]
+    plain_d = _unwrap(D)
+    batch, device = real.shape[0], real.device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     # (1) Update D: real faces vs generated ones (G without gradients)
     with torch.no_grad(), autocast:
-        fake = G(torch.randn(batch, cfg.model.latent, device=device))
+        fake = G(torch.randn(batch, cfg.model.latent, device=device, generator=noise))
     with autocast:
         logits = D(torch.cat([to_tanh_range(real), fake.float()])).float()
         loss_d = d_loss(logits[:batch], logits[batch:], cfg.model.loss, cfg.optim.label_noise)
@@ -86,26 +61,27 @@ def _step(cfg: GanConfig, nets: dict[str, Any], real: torch.Tensor, device: torc
     # (2) Update G through D's plain module, D frozen: only G's gradients exist, and only G syncs
     plain_d.requires_grad_(False)
     with autocast:
-        loss_g = g_loss(plain_d(G(torch.randn(batch, cfg.model.latent, device=device))).float(), cfg.model.loss)
+        loss_g = g_loss(plain_d(G(torch.randn(batch, cfg.model.latent, device=device, generator=noise))).float(), cfg.model.loss)
     opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     plain_d.requires_grad_(True)
     _clip(G, cfg.optim.clip)
     opt_g.step()
-    update_ema(nets["ema"], G, cfg.model.ema_decay)
+    update_ema(nets["ema"], G, ema_decay_at(cfg.model.ema_decay, iteration))
     return {"loss/d": loss_d.item(), "loss/g": loss_g.item()}
 
 
-def _state(cfg: GanConfig, nets: dict[str, Any], iteration: int, fixed: torch.Tensor) -> dict[str, Any]:
-    unwrap = lambda m: m.module if isinstance(m, nn.parallel.DistributedDataParallel) else m  # noqa: E731
+def _state(cfg: GanConfig, nets: dict[str, Any], iteration: int, fixed: torch.Tensor, image_size: int) -> dict[str, Any]:
+    # bf16 autocast needs no gradient scaler, so there is no scaler state to keep.
     return {
-        "G": unwrap(nets["G"]).state_dict(),
-        "D": unwrap(nets["D"]).state_dict(),
+        "G": _unwrap(nets["G"]).state_dict(),
+        "D": _unwrap(nets["D"]).state_dict(),
         "ema": nets["ema"].state_dict(),
         "opt_g": nets["opt_g"].state_dict(),
         "opt_d": nets["opt_d"].state_dict(),
         "iteration": iteration,
         "step": iteration,
+        "image_size": image_size,
         "rng": rng_state(),
         "fixed_latents": fixed,
         "config": to_dict(cfg),
@@ -115,7 +91,7 @@ def _state(cfg: GanConfig, nets: dict[str, Any], iteration: int, fixed: torch.Te
 def _build(cfg: GanConfig, session: Session, image_size: int) -> tuple[dict[str, Any], int, torch.Tensor]:
     """Networks, optimisers and EMA, restored from the latest checkpoint when there is one."""
     torch.manual_seed(cfg.optim.seed)
-    G, D = (m.to(session.device) for m in build_gan(cfg.model.arch, cfg.model.latent, image_size))
+    G, D = (m.to(session.device) for m in build_gan(cfg.model.arch, cfg.model.latent, image_size, cfg.model.width))
     nets: dict[str, Any] = {"G": G, "D": D, "ema": ema_copy(G)}
     nets["opt_g"] = _optimizer(cfg, G.parameters(), cfg.optim.lr_g)
     nets["opt_d"] = _optimizer(cfg, D.parameters(), cfg.optim.lr_d)
@@ -135,22 +111,97 @@ def _build(cfg: GanConfig, session: Session, image_size: int) -> tuple[dict[str,
     return nets, start, fixed
 
 
+def _noise(cfg: GanConfig, session: Session, start: int) -> torch.Generator:
+    """Each rank draws its own latents (the same ones would waste the ranks' generated halves),
+    reproducibly from (seed, rank, the iteration the process starts at)."""
+    return torch.Generator(session.device).manual_seed(cfg.optim.seed * 1_000_003 + session.rank * 10_007 + start)
+
+
+def _painter(cfg: GanConfig, nets: dict[str, Any]) -> nn.Module:
+    return nets["ema"] if draws_with_ema(cfg.model.arch) else _unwrap(nets["G"])
+
+
+def ranks_in_sync(nets: dict[str, Any], session: Session) -> bool:
+    """Whether every rank holds the same G, D and EMA weights (a collective: all ranks call it).
+    Buffers are left out: BatchNorm statistics follow each rank's own batches between syncs."""
+    if session.world_size == 1:
+        return True
+    fingerprint = torch.stack([p.detach().double().sum() for key in ("G", "D", "ema") for p in _unwrap(nets[key]).parameters()])
+    gathered = [torch.empty_like(fingerprint) for _ in range(session.world_size)]
+    dist.all_gather(gathered, fingerprint)
+    return all(torch.equal(gathered[0], other) for other in gathered[1:])
+
+
+class _Evaluation:
+    """Rank 0's FID/KID and attribute rates every schedule.eval_every iterations."""
+
+    def __init__(self, cfg: GanConfig, device: torch.device) -> None:
+        from deeprecognition.gan_eval import GanEvaluator, pick_extractor
+        from deeprecognition.trained import TrainedClassifier
+
+        classifier = TrainedClassifier.load(cfg.eval.classifier, device) if cfg.eval.classifier else None
+        extractor = pick_extractor(cfg.eval.inception_weights, classifier, device)
+        real = reference_faces(cfg, cfg.eval.samples, device)
+        self.evaluator = GanEvaluator(extractor, real.images, classifier)
+        self.samples = cfg.eval.samples
+        print(f"evaluating every {cfg.schedule.eval_every} iterations on {len(real.keys)} real faces; features: {extractor.name}", flush=True)
+
+    def __call__(self, painter: nn.Module, latent: int, device: torch.device) -> dict[str, Any]:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():  # KID's subsets must not move the training RNG
+            z = torch.randn(self.samples, latent, generator=torch.Generator().manual_seed(EVAL_SEED))
+            fake = torch.cat([to_uint8(painter(chunk.to(device)).float()).cpu() for chunk in z.split(250)])
+            result = self.evaluator(fake)
+        return result
+
+
+def _eval_scalars(result: dict[str, Any]) -> dict[str, float]:
+    """What goes into metrics.jsonl, TensorBoard and the reports Tune's schedulers see."""
+    scalars = {key: result[key] for key in ("fid", "kid")}
+    scalars.update({f"rate/{name}": rate for name, rate in result["attribute_rate"].items()})
+    scalars.update({f"data_rate/{name}": rate for name, rate in result["data_attribute_rate"].items()})
+    return scalars
+
+
+def _finish(session: Session, log: RunLog, last: dict[str, Any]) -> None:
+    """Rank 0: the metrics log, the final metrics as report.json, the mosaics' contact sheet."""
+    log.flush()
+    storage.write_bytes_atomic(storage.join(session.run_dir, "report.json"), json.dumps(last, indent=1).encode())
+    folder = storage.join(session.run_dir, "mosaics")
+    mosaics = {int(n[5:-4]): storage.read_bytes(storage.join(folder, n)) for n in storage.list_names(folder) if n.startswith("iter-")}
+    if mosaics:
+        storage.write_bytes_atomic(storage.join(folder, "contact-sheet.png"), contact_sheet_png(mosaics))
+
+
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = from_dict(GanConfig, config).validate()
     session = Session.current(storage.join(cfg.storage, cfg.name), cfg.scale.gpu, cfg.scale.keep_checkpoints)
-    nets, start, fixed = _build(cfg, session, read_manifest(cfg.data.data).image.size)
-    log = RunLog(session.run_dir, to_dict(cfg), start + 1, position="iteration") if session.rank == 0 else None
-    sched = cfg.schedule
-    reals = _real_batches(cfg, session)
-    for iteration in range(start + 1, cfg.optim.iterations + 1):
-        losses = _step(cfg, nets, next(reals).to(session.device, non_blocking=True), session.device)
-        if log is not None and iteration % sched.log_every == 0:
-            log.log({"iteration": iteration, "step": iteration, **losses})
-        if session.rank == 0 and (iteration % sched.mosaic_every == 0 or iteration == cfg.optim.iterations):
-            # dcgan draws with its EMA generator; the study's model with G itself, as it did.
-            painter = nets["ema"] if cfg.model.arch == "dcgan" else nets["G"]
+    image_size = read_manifest(cfg.data.data).image.size
+    nets, start, fixed = _build(cfg, session, image_size)
+    noise = _noise(cfg, session, start)
+    rank0 = session.rank == 0
+    log = RunLog(session.run_dir, to_dict(cfg), start + 1, position="iteration") if rank0 else None
+    evaluation = _Evaluation(cfg, session.device) if rank0 and cfg.schedule.eval_every else None
+    sched, total = cfg.schedule, cfg.optim.iterations
+    reals = real_batches(cfg, session.rank, session.world_size, session.device)
+    metrics: dict[str, Any] = {}
+    for iteration in range(start + 1, total + 1):
+        metrics = {"iteration": iteration, "step": iteration, **_step(cfg, nets, next(reals).to(session.device, non_blocking=True), noise, iteration)}
+        last = iteration == total
+        checkpoint_now = iteration % sched.checkpoint_every == 0 or last
+        eval_now = bool(sched.eval_every) and (iteration % sched.eval_every == 0 or last)
+        if evaluation is not None and eval_now:
+            metrics.update(_eval_scalars(evaluation(_painter(cfg, nets), cfg.model.latent, session.device)))
+        if rank0 and (iteration % sched.mosaic_every == 0 or last):
             with torch.no_grad():
-                faces = painter(fixed.to(session.device))
-            storage.write_bytes_atomic(storage.join(session.run_dir, "mosaics", f"iter-{iteration:06d}.png"), mosaic_png(faces))
-        if iteration % sched.checkpoint_every == 0 or iteration == cfg.optim.iterations:
-            session.report({"iteration": iteration, **losses}, _state(cfg, nets, iteration, fixed) if session.rank == 0 else None)
+                faces = to_uint8(_painter(cfg, nets)(fixed.to(session.device)).float())
+            storage.write_bytes_atomic(storage.join(session.run_dir, "mosaics", f"iter-{iteration:06d}.png"), grid_png(faces))
+        if checkpoint_now:
+            metrics["ranks_in_sync"] = ranks_in_sync(nets, session)
+            if not metrics["ranks_in_sync"]:
+                raise RuntimeError(f"iteration {iteration}: the ranks' G/D/EMA weights differ; DDP lost sync, not checkpointing a diverged model")
+        if log is not None and (iteration % sched.log_every == 0 or checkpoint_now or eval_now):
+            log.log(metrics, flush=checkpoint_now or eval_now)
+        if checkpoint_now or eval_now:  # every rank reports together; Tune's schedulers see the metrics
+            session.report(metrics, _state(cfg, nets, iteration, fixed, image_size) if checkpoint_now and rank0 else None)
+    if log is not None and metrics:  # nothing to finish when the run was already at --iterations
+        _finish(session, log, metrics)

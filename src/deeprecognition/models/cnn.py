@@ -42,9 +42,12 @@ class PaperCNN(nn.Module):
         self.dense = nn.Linear(widths[-1] * side * side, dense)  # (B, dense)
         self.out = nn.Linear(dense, num_outputs)  # (B, num_outputs)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Normalised float images (B, 3, S, S) -> logits (B, num_outputs)."""
+    def penultimate(self, x: Tensor) -> Tensor:
+        """Normalised float images (B, 3, S, S) -> the dense layer's activations (B, dense)."""
         x = self.blocks(x)  # (B, C, S/2**layers, S/2**layers), C = 32 * 2**(layers-1)
         x = torch.flatten(x, 1)  # (B, C * (S/2**layers)**2)
-        x = torch.relu(self.dense(x))  # (B, dense)
-        return self.out(x)  # (B, num_outputs) logits
+        return torch.relu(self.dense(x))  # (B, dense)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Normalised float images (B, 3, S, S) -> logits (B, num_outputs)."""
+        return self.out(self.penultimate(x))  # (B, num_outputs) logits

@@ -142,12 +142,19 @@ class DCGANDiscriminator(nn.Module):
         return self.net(x)
 
 
-def build_gan(arch: str, latent: int, image_size: int) -> tuple[nn.Module, nn.Module]:
-    """(generator, discriminator) for `arch` in ARCHS."""
+def draws_with_ema(arch: str) -> bool:
+    """Which generator paints mosaics and faces for metrics: dcgan its EMA copy; the study's model
+    G itself, as the study did."""
+    return arch == "dcgan"
+
+
+def build_gan(arch: str, latent: int, image_size: int, width: int = 64) -> tuple[nn.Module, nn.Module]:
+    """(generator, discriminator) for `arch` in ARCHS; `width` sizes the DCGAN only (the study's
+    model has fixed widths)."""
     if arch == "paper":
         return PaperGenerator(latent, image_size), PaperDiscriminator(image_size)
     if arch == "dcgan":
-        return DCGANGenerator(latent, image_size), DCGANDiscriminator(image_size)
+        return DCGANGenerator(latent, image_size, width), DCGANDiscriminator(image_size, width)
     raise ValueError(f"gan arch must be one of {ARCHS}, got {arch!r}")
 
 
@@ -198,6 +205,12 @@ def ema_copy(model: nn.Module) -> nn.Module:
     ema = copy.deepcopy(_unwrap(model)).eval()
     ema.requires_grad_(False)
     return ema
+
+
+def ema_decay_at(decay: float, iteration: int) -> float:
+    """The decay for the update after `iteration` updates: warmed up as (1 + i) / (10 + i), so an
+    early EMA follows G instead of averaging in its random initialisation for thousands of steps."""
+    return min(decay, (1 + iteration) / (10 + iteration))
 
 
 @torch.no_grad()

@@ -100,6 +100,10 @@ class ResNet50Transfer(nn.Module):
         """Normalised float images (B, 3, H, W) -> pooled backbone features (B, 2048)."""
         return self.backbone(x)
 
+    def penultimate(self, x: Tensor) -> Tensor:
+        """Normalised float images -> the last hidden layer of the head (B, head_width/4)."""
+        return self.head[:-1](self.features(x))
+
     def forward(self, x: Tensor) -> Tensor:
         return self.head(self.features(x))  # (B, num_outputs) logits
 

@@ -1,0 +1,95 @@
+"""`deeprec generate CKPT --n 36 --out grid.png`: faces from a trained GAN checkpoint (a checkpoint
+folder or a run folder's latest, local or s3://), as a square grid PNG."""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from deeprecognition import storage
+from deeprecognition.checkpoint import best_checkpoint, load_state
+from deeprecognition.config import GanConfig, from_dict
+from deeprecognition.errors import InputError
+from deeprecognition.models.gan import build_gan, draws_with_ema, to_uint8
+
+
+def grid_png(images: Tensor, labels: list[str] | None = None) -> bytes:
+    """A grid PNG of (N, 3, S, S) uint8 images, ceil(sqrt(N)) columns (6x6 for 36); optional
+    labels are written on each tile."""
+    from PIL import Image, ImageDraw
+
+    n, _, size, _ = images.shape
+    side = math.ceil(math.sqrt(n))  # columns; rows only as many as needed
+    grid = torch.zeros((3, math.ceil(n / side) * size, side * size), dtype=torch.uint8)
+    for i, img in enumerate(images.cpu()):
+        row, col = divmod(i, side)
+        grid[:, row * size : (row + 1) * size, col * size : (col + 1) * size] = img
+    picture = Image.fromarray(grid.permute(1, 2, 0).numpy())
+    if labels:
+        draw = ImageDraw.Draw(picture)
+        for i, label in enumerate(labels):
+            row, col = divmod(i, side)
+            draw.text((col * size + 4, row * size + 2), label, fill=(255, 255, 0))
+    buf = io.BytesIO()
+    picture.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def contact_sheet_png(mosaics: dict[int, bytes], tiles: int = 25, tile_size: int = 256) -> bytes:
+    """The run's mosaics over time on one sheet: up to `tiles` of them, evenly spaced and always
+    with the last, each shrunk to `tile_size` px and labelled with its iteration."""
+    import numpy as np
+    from PIL import Image
+
+    iterations = sorted(mosaics)
+    step = max(1, math.ceil(len(iterations) / tiles))
+    chosen = sorted(set(iterations[::step][: tiles - 1] + iterations[-1:]))
+    shrunk = []
+    for it in chosen:
+        picture = Image.open(io.BytesIO(mosaics[it])).convert("RGB").resize((tile_size, tile_size), Image.Resampling.LANCZOS)
+        shrunk.append(torch.from_numpy(np.array(picture)).permute(2, 0, 1))
+    return grid_png(torch.stack(shrunk), [f"iter {it}" for it in chosen])
+
+
+@dataclass
+class TrainedGan:
+    generator: nn.Module  # in eval mode
+    config: GanConfig
+    iteration: int
+    image_size: int
+    checkpoint: str
+    fixed_latents: Tensor  # the run's mosaic latents
+
+    @classmethod
+    def load(cls, uri: str, ema: bool | None = None, device: torch.device | str = "cpu") -> TrainedGan:
+        """A checkpoint folder or a run folder's latest checkpoint; plain data only (weights_only).
+        ema=None draws as the run's mosaics did: the EMA generator for dcgan, G for the study's."""
+        folder = best_checkpoint(uri, metric="iteration")
+        state = load_state(folder)
+        if "G" not in state or "image_size" not in state:
+            raise InputError(folder, "is not a GAN checkpoint (no G or image_size): give one written by `deeprec train gan`")
+        cfg = from_dict(GanConfig, state["config"])
+        generator, _ = build_gan(cfg.model.arch, cfg.model.latent, state["image_size"], cfg.model.width)
+        generator.load_state_dict(state["ema" if (draws_with_ema(cfg.model.arch) if ema is None else ema) else "G"])
+        return cls(generator.to(device).eval(), cfg, state["iteration"], state["image_size"], folder, state["fixed_latents"])
+
+    @torch.no_grad()
+    def faces(self, n: int, seed: int = 0, batch_size: int = 250) -> Tensor:
+        """(n, 3, S, S) uint8 faces from seeded latents: the same seed gives the same faces."""
+        latents = torch.randn(n, self.config.model.latent, generator=torch.Generator().manual_seed(seed))
+        device = next(self.generator.parameters()).device
+        return torch.cat([to_uint8(self.generator(z.to(device)).float()).cpu() for z in latents.split(batch_size)])
+
+
+def generate_grid(checkpoint: str, out: str, n: int = 36, seed: int = 0, ema: bool | None = None) -> TrainedGan:
+    """Write a grid of `n` generated faces to `out` (local or s3://); returns the loaded GAN."""
+    if n < 1:
+        raise ValueError(f"--n must be at least 1, got {n}")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    gan = TrainedGan.load(checkpoint, ema=ema, device=device)
+    storage.write_bytes_atomic(out, grid_png(gan.faces(n, seed)))
+    return gan

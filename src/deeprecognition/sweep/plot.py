@@ -1,0 +1,60 @@
+"""The sweep's plot: its metric against each searched field, one panel per field (validation
+accuracy vs. layers for cnn_layers; FID vs. each learning rate, latent size, ... for the GAN)."""
+
+from __future__ import annotations
+
+import io
+from collections import defaultdict
+
+from deeprecognition.sweep.results import FLOORS, SweepResult
+from deeprecognition.sweep.spec import SearchField
+
+
+def _panel(ax, result: SweepResult, field: SearchField) -> None:
+    points = [(t.config[field.short], t.metrics[result.metric], t.status) for t in result.trials if result.metric in t.metrics]
+    numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x, _, _ in points)
+    categories = sorted({str(x) for x, _, _ in points})
+    position = (lambda x: x) if numeric else (lambda x: categories.index(str(x)))
+    for status, marker in (("finished", "o"), ("stopped", "x")):
+        shown = [(position(x), y) for x, y, s in points if s == status]
+        if shown:
+            ax.scatter(*zip(*shown), marker=marker, label=f"{status}{' early' if status == 'stopped' else ''}")
+    if field.dist.kind == "grid" and points:
+        # Mean per grid value: the study's table as a curve (several samples or crossed grids average).
+        by_value: dict = defaultdict(list)
+        for x, y, _ in points:
+            by_value[position(x)].append(y)
+        xs = sorted(by_value)
+        ax.plot(xs, [sum(by_value[x]) / len(by_value[x]) for x in xs], color="C0", alpha=0.6)
+    floor = FLOORS.get(result.metric)
+    floors = [t.metrics[floor] for t in result.trials if floor in t.metrics]
+    if floors:
+        ax.axhline(sum(floors) / len(floors), color="grey", linestyle=":", label="majority floor")
+    if field.dist.kind == "loguniform":
+        ax.set_xscale("log")
+    if not numeric:
+        ax.set_xticks(range(len(categories)), categories)
+    elif field.dist.kind == "grid":
+        ax.set_xticks(sorted({x for x, _, _ in points}))
+    ax.set_xlabel(field.short)
+    ax.set_ylabel(result.metric)
+    ax.grid(alpha=0.3)
+
+
+def sweep_png(result: SweepResult, search: tuple[SearchField, ...]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(search), figsize=(4.5 * len(search), 4), squeeze=False)
+    for ax, field in zip(axes[0], search):
+        _panel(ax, result, field)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=8)
+    fig.suptitle(f"{result.name}: {result.metric} ({result.mode}) by searched value")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    return buf.getvalue()

@@ -1,0 +1,126 @@
+"""What a sweep leaves: one row per trial (its searched values, its last metrics, its checkpoint,
+how far it ran), ranked by the sweep's metric, as a terminal table, results.csv and --json."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from ray.tune import Callback
+
+from deeprecognition import storage
+from deeprecognition.config import GanConfig
+from deeprecognition.sweep.trial import TrialPlan, trial_config
+
+# Tune's bookkeeping in every result; a row keeps the loop's own metrics and how far Tune counted.
+_TUNE_KEYS = {"done", "trial_id", "checkpoint_path", "config", "timestamp", "date", "pid", "hostname", "node_ip", "time_this_iter_s",
+              "time_since_restore", "iterations_since_restore", "timesteps_total", "episodes_total", "timesteps_since_restore", "experiment_tag",
+              "checkpoint_dir_name", "should_checkpoint"}
+# The floor a metric is shown with, when the loop reports one (README: every number with its floor).
+FLOORS = {"val/mean_accuracy": "val/mean_majority_baseline"}
+
+
+@dataclass(frozen=True)
+class TrialRow:
+    trial_id: str
+    config: dict[str, Any]  # the searched values, by short name
+    metrics: dict[str, Any]  # the trial's last report that carried the sweep's metric
+    checkpoint: str | None  # the run's latest checkpoint at that report
+    status: str  # finished | stopped (early, by the scheduler) | error | unfinished (resume the sweep)
+    progress: str  # how far it trained: "2/4 epochs", "1500/2000 iterations"
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    name: str
+    path: str  # the sweep's folder: Tune's state, trials/<trial id>/ (the Train runs), results.csv, results.png
+    metric: str
+    mode: str
+    trials: tuple[TrialRow, ...]  # best first; trials without the metric last
+
+    @property
+    def best(self) -> TrialRow | None:
+        ranked = [t for t in self.trials if self.metric in t.metrics and t.status in ("finished", "stopped")]
+        return ranked[0] if ranked else None
+
+    @property
+    def incomplete(self) -> list[TrialRow]:
+        return [t for t in self.trials if t.status in ("error", "unfinished")]
+
+    def to_json(self) -> dict[str, Any]:
+        best = self.best
+        return {"name": self.name, "path": self.path, "metric": self.metric, "mode": self.mode,
+                "trials": [asdict(t) for t in self.trials], "best": asdict(best) if best else None}
+
+
+def trial_row(plan: TrialPlan, trial_id: str, values: dict[str, Any], result: dict[str, Any], error: bool) -> TrialRow:
+    """A trial's row from its searched values and last Tune result (`done` once it stopped or ended)."""
+    cfg = trial_config(plan, values, trial_id)
+    if isinstance(cfg, GanConfig):
+        ran, target, unit = result.get("iteration", 0), cfg.optim.iterations, "iterations"
+    else:
+        ran, target, unit = result.get("epoch", -1) + 1, cfg.optim.epochs, "epochs"
+    status = "error" if error else "unfinished" if not result.get("done") else "finished" if ran >= target else "stopped"
+    metrics = {k: v for k, v in result.items() if k not in _TUNE_KEYS}
+    return TrialRow(trial_id, dict(values), metrics, result.get("checkpoint_path"), status, f"{ran}/{target} {unit}")
+
+
+def ranked(rows: list[TrialRow], metric: str, mode: str) -> tuple[TrialRow, ...]:
+    def key(row: TrialRow) -> tuple[bool, float]:
+        value = row.metrics.get(metric)
+        missing = not isinstance(value, (int, float)) or math.isnan(value)
+        return missing, 0.0 if missing else (-value if mode == "max" else value)
+
+    return tuple(sorted(rows, key=key))
+
+
+def _cell(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else "-" if value is None else str(value)
+
+
+def format_table(result: SweepResult) -> str:
+    """The trials best first, the searched values, the metric (and its floor), how far each ran."""
+    shorts = list(result.trials[0].config) if result.trials else []
+    floor = FLOORS.get(result.metric)
+    head = ["trial", *shorts, result.metric, *([floor] if floor else []), "progress", "status"]
+    body = [[t.trial_id, *(_cell(t.config.get(s)) for s in shorts), _cell(t.metrics.get(result.metric)),
+             *([_cell(t.metrics.get(floor))] if floor else []), t.progress, t.status] for t in result.trials]
+    widths = [max(len(str(r[i])) for r in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *body]]
+    best = result.best
+    if best is not None:
+        values = " ".join(f"{k}={_cell(v)}" for k, v in best.config.items())
+        lines += ["", f"best ({result.mode} {result.metric}): trial {best.trial_id}  {values}  {result.metric}={_cell(best.metrics[result.metric])}",
+                  f"checkpoint: {best.checkpoint}"]
+    return "\n".join(lines)
+
+
+def csv_bytes(result: SweepResult) -> bytes:
+    """One line per trial, best first: the searched values, status, progress, every metric, checkpoint."""
+    shorts = list(result.trials[0].config) if result.trials else []
+    metrics = sorted({k for t in result.trials for k in t.metrics} - {result.metric})
+    out = io.StringIO()
+    writer = csv.writer(out)
+    writer.writerow(["trial_id", *shorts, result.metric, "status", "progress", *metrics, "checkpoint"])
+    for t in result.trials:
+        writer.writerow([t.trial_id, *(t.config.get(s) for s in shorts), t.metrics.get(result.metric), t.status, t.progress,
+                         *(t.metrics.get(m) for m in metrics), t.checkpoint])
+    return out.getvalue().encode()
+
+
+class TrialLog(Callback):
+    """Appends each trial's row to SWEEP/trials.jsonl the moment Tune records it as ended (finished
+    or stopped early), so a long sweep can be followed from its storage, local or S3."""
+
+    def __init__(self, plan: TrialPlan, path: str) -> None:
+        self.plan = plan
+        self.uri = storage.join(path, "trials.jsonl")
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        row = trial_row(self.plan, trial.trial_id, trial.config, trial.last_result, error=False)
+        before = storage.read_bytes(self.uri) if storage.exists(self.uri) else b""
+        storage.write_bytes_atomic(self.uri, before + (json.dumps(asdict(row)) + "\n").encode())

@@ -1,0 +1,241 @@
+"""A sweep file (tune_configs/*.yaml) read into a typed, checked `SweepSpec`.
+
+Everything that can be wrong in a sweep file is refused here, on the driver, before any trial
+starts: unknown keys and config fields, distributions Tune cannot sample, values the config itself
+refuses, short names that collide, metrics the loop never reports, resources no trial could use.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from deeprecognition import storage
+from deeprecognition.config import GAN_PRESETS, PRESETS, ClassifierConfig, GanConfig, apply_overrides, from_dict, to_dict
+
+KEYS = ("preset", "set", "search", "metric", "mode", "scheduler", "num_samples", "trial", "max_concurrent", "seed", "smoke")
+SMOKE_KEYS = ("set", "scheduler", "num_samples", "trial", "max_concurrent")
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
+# Fields the sweep sets itself (from --data/--storage, the trial id and `trial:`), never the file.
+RESERVED = ("storage", "name", "data.data", "scale.num_workers", "scale.gpu")
+# What each loop reports to Ray Train, hence what a sweep can rank and stop trials by.
+METRICS = {
+    "classifier": ("val/mean_accuracy", "val/exact_match", "train/loss", "train/mean_accuracy"),
+    "gan": ("fid", "kid", "loss/d", "loss/g"),
+}
+
+
+@dataclass(frozen=True)
+class Distribution:
+    kind: str  # grid (every value, crossed with the other grids) | choice | uniform | loguniform
+    values: tuple[Any, ...]  # grid, choice: the values; uniform, loguniform: (low, high)
+
+
+@dataclass(frozen=True)
+class SearchField:
+    field: str  # dotted config field, e.g. model.layers
+    dist: Distribution
+
+    @property
+    def short(self) -> str:
+        """The name trials, tables and --json use: the field's last component (`layers`)."""
+        return self.field.rsplit(".", 1)[-1]
+
+
+@dataclass(kw_only=True, frozen=True)
+class SchedulerSpec:
+    name: str = "fifo"  # fifo (every trial to the end) | asha (stops weak trials early)
+    time_attr: str = "training_iteration"  # asha: one per report that carries the metric (an epoch, an FID evaluation)
+    max_t: int = 100  # asha: no trial runs longer than this
+    grace_period: int = 1  # asha: no trial is stopped before this
+    reduction_factor: float = 2.0  # asha: each rung keeps the best 1/reduction_factor
+
+
+@dataclass(kw_only=True, frozen=True)
+class TrialResources:
+    workers: int = 1  # Ray Train workers (DDP ranks) per trial
+    gpu: bool = False  # one GPU per worker
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    file: str
+    preset: str
+    base: ClassifierConfig | GanConfig  # the preset with `set` and --set applied, checked
+    search: tuple[SearchField, ...]
+    metric: str
+    mode: str  # max | min
+    scheduler: SchedulerSpec
+    num_samples: int
+    trial: TrialResources
+    max_concurrent: int
+    seed: int  # of the random draws of choice, uniform and loguniform
+
+    @property
+    def kind(self) -> str:
+        return "gan" if isinstance(self.base, GanConfig) else "classifier"
+
+    @property
+    def stem(self) -> str:
+        """The sweep's default name: the file's name without .yaml."""
+        return os.path.splitext(os.path.basename(self.file))[0]
+
+
+def load_spec(path: str, smoke: bool = False, overrides: tuple[str, ...] = (), num_samples: int | None = None) -> SweepSpec:
+    """Read and check a sweep file; `smoke` applies its `smoke:` section, `overrides` (FIELD=VALUE)
+    go on top of its `set:`, `num_samples` replaces its own."""
+    raw = yaml.safe_load(storage.read_required(path, "a sweep file (tune_configs/*.yaml)"))
+    if not isinstance(raw, dict):
+        raise ValueError(f"{path}: a sweep file is a mapping of {', '.join(KEYS)}")
+    try:
+        return _parse(path, _with_smoke(raw) if smoke else _without_smoke(raw), overrides, num_samples)
+    except ValueError as err:
+        raise ValueError(f"{path}{' (--smoke)' if smoke else ''}: {err}") from None
+
+
+def _known_keys(mapping: dict, allowed: tuple[str, ...], where: str) -> dict:
+    unknown = sorted(set(mapping) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown key(s) {', '.join(unknown)} in {where}; known: {', '.join(allowed)}")
+    return mapping
+
+
+def _mapping(raw: dict, key: str) -> dict:
+    value = raw.get(key) or {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be a mapping")
+    return value
+
+
+def _without_smoke(raw: dict) -> dict:
+    _known_keys(_mapping(raw, "smoke"), SMOKE_KEYS, "smoke")  # a bad smoke section fails either way
+    return {k: v for k, v in raw.items() if k != "smoke"}
+
+
+def _with_smoke(raw: dict) -> dict:
+    """The file with its `smoke:` section on top: `set` and `trial` merge key by key, the rest replace."""
+    smoke = _known_keys(_mapping(raw, "smoke"), SMOKE_KEYS, "smoke")
+    merged = _without_smoke(raw)
+    for key, value in smoke.items():
+        merged[key] = {**_mapping(raw, key), **value} if key in ("set", "trial") else value
+    return merged
+
+
+def _preset(name: Any) -> ClassifierConfig | GanConfig:
+    presets = {**PRESETS, **GAN_PRESETS}
+    if name not in presets:
+        raise ValueError(f"preset must be one of {', '.join(presets)}, got {name!r}")
+    return presets[name]()
+
+
+def _field_value(cfg: Any, dotted: str) -> Any:
+    node = to_dict(cfg)
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+def _checked(base: Any, dotted: str, value: Any, where: str) -> Any:
+    """`value` as the field's type, once the whole config accepts it (e.g. model.layers 7 does not)."""
+    try:
+        return _field_value(apply_overrides(base, [f"{dotted}={value}"]).validate(), dotted)
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from None
+
+
+def _reserved(fields: list[str], where: str) -> None:
+    taken = [f for f in fields if f in RESERVED]
+    if taken:
+        raise ValueError(f"{where} cannot set {', '.join(taken)}: the sweep sets them from --data, --storage, the trial id and trial.workers/gpu")
+
+
+def _distribution(base: Any, dotted: str, spec: Any) -> Distribution:
+    where = f"search.{dotted}"
+    if not (isinstance(spec, dict) and len(spec) == 1):
+        raise ValueError(f"{where} must be one distribution, e.g. {{grid: [1, 2]}}; distributions: {', '.join(DISTRIBUTIONS)}")
+    ((kind, values),) = spec.items()
+    if kind not in DISTRIBUTIONS:
+        raise ValueError(f"{where}: unknown distribution {kind!r}; distributions: {', '.join(DISTRIBUTIONS)}")
+    if not isinstance(values, list) or not values:
+        raise ValueError(f"{where}: {kind} takes a non-empty list, e.g. {kind}: [1, 2]")
+    checked = tuple(_checked(base, dotted, v, where) for v in values)
+    if kind in ("grid", "choice"):
+        return Distribution(kind, checked)
+    if len(checked) != 2 or not all(isinstance(v, float) for v in checked):
+        raise ValueError(f"{where}: {kind} takes [low, high] of a float field; use grid or choice for other fields")
+    low, high = checked
+    if not low < high or (kind == "loguniform" and low <= 0):
+        raise ValueError(f"{where}: {kind} needs {'0 < ' if kind == 'loguniform' else ''}low < high, got [{low}, {high}]")
+    return Distribution(kind, checked)
+
+
+def _search(base: Any, raw: Any) -> tuple[SearchField, ...]:
+    if not isinstance(raw, dict) or not raw:
+        raise ValueError("search must map at least one dotted config field to a distribution")
+    _reserved(list(raw), "search")
+    fields = tuple(SearchField(dotted, _distribution(base, dotted, spec)) for dotted, spec in raw.items())
+    by_short: dict[str, str] = {}
+    for f in fields:
+        if f.short in by_short:
+            raise ValueError(f"search fields {by_short[f.short]} and {f.field} share the short name {f.short!r}: search one of them")
+        by_short[f.short] = f.field
+    return fields
+
+
+def _metric(base: Any, metric: Any, mode: Any) -> None:
+    kind = "gan" if isinstance(base, GanConfig) else "classifier"
+    known = METRICS[kind] + (tuple(f"val/acc/{a}" for a in base.attributes()) if kind == "classifier" else ())
+    if metric not in known:
+        raise ValueError(f"metric must be one the {kind} loop reports: {', '.join(known)}; got {metric!r}")
+    if mode not in ("max", "min"):
+        raise ValueError(f"mode must be max or min, got {mode!r}")
+
+
+def _scheduler(raw: Any) -> SchedulerSpec:
+    if not isinstance(raw, (str, dict)):
+        raise ValueError(f"scheduler must be fifo, asha, or a mapping with name: asha and its settings, got {raw!r}")
+    sched = from_dict(SchedulerSpec, {"name": raw} if isinstance(raw, str) else raw, prefix="scheduler.")
+    if sched.name not in ("fifo", "asha"):
+        raise ValueError(f"scheduler.name must be fifo or asha, got {sched.name!r}")
+    if sched.time_attr not in ("training_iteration", "time_total_s"):
+        raise ValueError(f"scheduler.time_attr must be training_iteration or time_total_s, got {sched.time_attr!r}")
+    if not 1 <= sched.grace_period <= sched.max_t or sched.reduction_factor <= 1:
+        raise ValueError(f"scheduler needs 1 <= grace_period <= max_t and reduction_factor > 1, got {sched.grace_period}, {sched.max_t}, {sched.reduction_factor}")
+    return sched
+
+
+def _whole(value: Any, key: str, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{key} must be a whole number of at least {minimum}, got {value!r}")
+    return value
+
+
+def _parse(path: str, raw: dict, overrides: tuple[str, ...], num_samples: int | None) -> SweepSpec:
+    _known_keys(raw, KEYS, "the sweep file")
+    settings = [f"{k}={v}" for k, v in _mapping(raw, "set").items()] + list(overrides)
+    _reserved([s.partition("=")[0].strip() for s in settings], "set and --set")
+    trial = from_dict(TrialResources, _mapping(raw, "trial"), prefix="trial.")
+    if trial.workers < 1:
+        raise ValueError(f"trial.workers must be at least 1, got {trial.workers}")
+    base = apply_overrides(_preset(raw.get("preset")), settings + [f"scale.num_workers={trial.workers}", f"scale.gpu={trial.gpu}"]).validate()
+    search = _search(base, raw.get("search"))
+    clash = sorted({f.field for f in search} & {s.partition("=")[0].strip() for s in settings})
+    if clash:
+        raise ValueError(f"{', '.join(clash)} both set and searched: keep one")
+    _metric(base, raw.get("metric"), raw.get("mode"))
+    return SweepSpec(
+        file=path,
+        preset=raw["preset"],
+        base=base,
+        search=search,
+        metric=raw["metric"],
+        mode=raw["mode"],
+        scheduler=_scheduler(raw.get("scheduler", "fifo")),
+        num_samples=_whole(raw.get("num_samples", 1) if num_samples is None else num_samples, "num_samples"),
+        trial=trial,
+        max_concurrent=_whole(raw.get("max_concurrent", 1), "max_concurrent"),
+        seed=_whole(raw.get("seed", 0), "seed", minimum=0),
+    )

@@ -1,0 +1,127 @@
+"""`deeprec tune`: a Ray Tune sweep whose trials are distributed Ray Train runs, from a sweep file.
+
+Everything is checked before the first trial starts (the file, the dataset, what one trial needs
+against what the cluster can hold). The sweep lives at STORAGE/NAME (local or s3://): Tune's state,
+`sweep.json` (the resolved sweep), `trials/<trial id>/` (each trial's Train run: checkpoints,
+metrics.jsonl, report), `trials.jsonl` (trials as they end), and at the end `results.csv` and
+`results.png`. `--resume` continues an interrupted sweep from there; ended trials are not re-run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+from ray import tune
+
+from deeprecognition import storage
+from deeprecognition.config import apply_overrides, to_dict
+from deeprecognition.launch import absolute_paths, check_before_workers, ray_storage_path
+from deeprecognition.raycluster import cluster_capacity, ensure_ray
+from deeprecognition.sweep.plot import sweep_png
+from deeprecognition.sweep.results import SweepResult, TrialLog, csv_bytes, ranked, trial_row
+from deeprecognition.sweep.spec import SweepSpec, TrialResources, load_spec
+from deeprecognition.sweep.trial import TrialPlan, run_trial
+
+RECORD = "sweep.json"
+
+
+@dataclass(frozen=True)
+class SweepOptions:
+    file: str  # a sweep file, e.g. tune_configs/cnn_layers.yaml
+    data: str  # a packed dataset, local or s3://
+    storage: str  # where sweeps live, local or s3://
+    name: str | None = None  # default: the file's name, with -smoke under --smoke
+    num_samples: int | None = None  # instead of the file's
+    resume: bool = False
+    smoke: bool = False  # the file's smoke: section (few steps, small batches, one CPU worker)
+    overrides: tuple[str, ...] = ()  # FIELD=VALUE on top of the file's set:
+
+
+def check_capacity(trial: TrialResources) -> None:
+    """Refuse a trial that this cluster can never place (Tune would wait for it forever)."""
+    from ray.train import ScalingConfig
+
+    need = Counter({"CPU": 1.0})  # the trial's driver: a Tune function trainable holds one CPU
+    need.update(ScalingConfig(num_workers=trial.workers, use_gpu=trial.gpu).total_resources)
+    capacity = cluster_capacity()
+    short = {k: v for k, v in need.items() if v > capacity.get(k, 0)}
+    if short:
+        wants = ", ".join(f"{v:g} {k}" for k, v in need.items())
+        has = ", ".join(f"{capacity.get(k, 0):g} {k}" for k in short)
+        raise ValueError(f"one trial needs {wants} (its driver and {trial.workers} worker(s)), but this Ray cluster can hold at most {has}: lower trial.workers or trial.gpu, or use a bigger cluster")
+
+
+def param_space(spec: SweepSpec) -> dict[str, Any]:
+    """The searched fields by short name, as Tune's search space."""
+    make = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v)}
+    return {f.short: make[f.dist.kind](list(f.dist.values)) for f in spec.search}
+
+
+def _scheduler(spec: SweepSpec):
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    s = spec.scheduler
+    if s.name == "fifo":
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr=s.time_attr, max_t=s.max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+
+
+def _record(spec: SweepSpec) -> dict[str, Any]:
+    """The resolved sweep, as JSON: what a resume must match (the file's path may differ)."""
+    record = dataclasses.asdict(spec)
+    del record["file"]
+    return json.loads(json.dumps(record))
+
+
+def _fresh(spec: SweepSpec, root: str, name: str, trainable, plan: TrialPlan) -> tune.Tuner:
+    path = storage.join(root, name)
+    if tune.Tuner.can_restore(path):
+        raise ValueError(f"a sweep already exists at {path}: add --resume to continue it, or --name for a new one")
+    storage.write_bytes_atomic(storage.join(path, RECORD), json.dumps(_record(spec), indent=1).encode())
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
+    return tune.Tuner(
+        trainable,
+        param_space=param_space(spec),
+        tune_config=tune.TuneConfig(
+            metric=spec.metric, mode=spec.mode, scheduler=_scheduler(spec), num_samples=spec.num_samples,
+            search_alg=BasicVariantGenerator(max_concurrent=spec.max_concurrent, random_state=spec.seed),
+        ),
+        run_config=tune.RunConfig(name=name, storage_path=root, callbacks=[TrialLog(plan, path)]),
+    )
+
+
+def _resumed(spec: SweepSpec, path: str, trainable) -> tune.Tuner:
+    if not tune.Tuner.can_restore(path):
+        raise ValueError(f"no sweep to resume at {path}: check --storage and --name (without --resume a new sweep starts)")
+    saved = json.loads(storage.read_required(storage.join(path, RECORD), "the record of the sweep"))
+    changed = sorted(k for k, v in _record(spec).items() if saved.get(k) != v)
+    if changed:
+        raise ValueError(f"the sweep at {path} was started with other {', '.join(changed)}: resume it with the same file and options, or start a new one with --name")
+    # Errored trials are resumed from their Train run's latest checkpoint, like interrupted ones.
+    return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+
+
+def run_sweep(options: SweepOptions) -> SweepResult:
+    spec = load_spec(options.file, smoke=options.smoke, overrides=options.overrides, num_samples=options.num_samples)
+    base = absolute_paths(apply_overrides(spec.base, [f"data.data={options.data}"]))
+    spec = dataclasses.replace(spec, base=base)
+    check_before_workers(base)
+    ensure_ray()
+    check_capacity(spec.trial)
+    name = options.name or spec.stem + ("-smoke" if options.smoke else "")
+    root = ray_storage_path(options.storage)
+    path = storage.join(root, name)
+    plan = TrialPlan(kind=spec.kind, base=to_dict(base), fields={f.short: f.field for f in spec.search}, metric=spec.metric, runs=storage.join(path, "trials"))
+    trainable = tune.with_parameters(run_trial, plan=plan)
+    tuner = _resumed(spec, path, trainable) if options.resume else _fresh(spec, root, name, trainable, plan)
+    grid = tuner.fit()
+    rows = [trial_row(plan, r.metrics["trial_id"], r.config, r.metrics, error=r.error is not None) for r in grid]
+    result = SweepResult(name, path, spec.metric, spec.mode, ranked(rows, spec.metric, spec.mode))
+    storage.write_bytes_atomic(storage.join(path, "results.csv"), csv_bytes(result))
+    storage.write_bytes_atomic(storage.join(path, "results.png"), sweep_png(result, spec.search))
+    return result
