@@ -108,9 +108,11 @@ def test_bad_configs_fail_on_the_driver(faces64, tmp_path, monkeypatch):
 
 
 def _train_worker_pids() -> set[int]:
+    import ray
     from ray.util.state import list_actors
 
-    alive = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    # This session's cluster by its own address: another Ray head may run beside it (the jobs tests).
+    alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
     return {a.pid for a in alive}
 
 

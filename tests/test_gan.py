@@ -1,47 +1,235 @@
-"""The GAN loop: mosaics in storage, weights_only checkpoints, continuing a finished run, filters."""
+"""The GAN loop and its tools: mosaics in storage, weights_only checkpoints, continuing a run, the
+data filters, FID/KID and attribute rates, `generate` and `evaluate-gan`, DDP on Ray with a kill."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import pickle
+import signal
+import threading
+import time
 
 import pytest
+import torch
 from PIL import Image
 
+from deeprecognition import storage
 from deeprecognition.checkpoint import load_state
-from deeprecognition.config import apply_overrides, modern_dcgan, to_dict
+from deeprecognition.cli import main
+from deeprecognition.config import ClassifierConfig, apply_overrides, modern_dcgan, to_dict
+from deeprecognition.errors import InputError
+from deeprecognition.gan_eval import INCEPTION_FILE, NOT_COMPARABLE, evaluate_gan, pick_extractor
+from deeprecognition.launch import run
+from deeprecognition.loops.classifier import train_loop_per_worker as train_classifier
 from deeprecognition.loops.gan import train_loop_per_worker
+from deeprecognition.loops.gan_data import judged_positive, reference_faces
+from deeprecognition.shards.loader import LoaderConfig, make_loader
+from deeprecognition.trained import TrainedClassifier
 
-from .test_classifier import faces64  # noqa: F401  (the 64 px synthetic dataset fixture)
+from .conftest import BUCKET
+from .test_classifier import _train_worker_pids, faces64  # noqa: F401  (the 64 px synthetic dataset fixture)
 
 
-def gan_config(data: str, storage: str, iterations: int, *overrides: str):
-    base = [f"data.data={data}", f"storage={storage}", "name=g", f"optim.iterations={iterations}", "data.batch_size=8",
-            "data.loader_workers=0", "schedule.mosaic_every=3", "schedule.checkpoint_every=3", "schedule.log_every=1"]
+def gan_config(data: str, storage_uri: str, iterations: int, *overrides: str):
+    """A small DCGAN (width 16, batch 8) on all faces: quick on CPU."""
+    base = [f"data.data={data}", f"storage={storage_uri}", "name=g", f"optim.iterations={iterations}", "data.batch_size=8", "data.where=",
+            "data.loader_workers=0", "model.width=16", "schedule.mosaic_every=3", "schedule.checkpoint_every=3", "schedule.log_every=1"]
     return apply_overrides(modern_dcgan(), base + list(overrides))
+
+
+@pytest.fixture(scope="module")
+def judge(faces64, tmp_path_factory) -> str:  # noqa: F811
+    """A small CNN trained on Male, Smiling and Attractive: FID features and attribute rates."""
+    runs = tmp_path_factory.mktemp("judge")
+    overrides = [f"data.data={faces64}", f"storage={runs}", "name=judge", "data.task=Male,Smiling,Attractive", "data.batch_size=32",
+                 "data.loader_workers=0", "model.layers=3", "optim.epochs=2"]
+    train_classifier(to_dict(apply_overrides(ClassifierConfig(), overrides)))
+    return str(runs / "judge")
+
+
+@pytest.fixture(scope="module")
+def learnt(faces64, judge, tmp_path_factory) -> dict:  # noqa: F811
+    """A DCGAN evaluated after 1 iteration, then continued to 150 with metrics every 75."""
+    runs = tmp_path_factory.mktemp("learnt")
+    common = ["model.width=32", "data.batch_size=16", "schedule.mosaic_every=50", "schedule.log_every=25", "eval.samples=200", f"eval.classifier={judge}"]
+    train_loop_per_worker(to_dict(gan_config(faces64, str(runs), 1, *common)))
+    first = evaluate_gan(str(runs / "g"), classifier=judge, samples=200)
+    train_loop_per_worker(to_dict(gan_config(faces64, str(runs), 150, *common, "schedule.eval_every=75", "schedule.checkpoint_every=75")))
+    return {"run": str(runs / "g"), "first": first, "last": evaluate_gan(str(runs / "g"), classifier=judge, samples=200)}
 
 
 def test_gan_run_writes_mosaics_checkpoints_and_continues_at_its_iteration(faces64, tmp_path, capsys):  # noqa: F811
     train_loop_per_worker(to_dict(gan_config(faces64, str(tmp_path), 6)))
-    run = tmp_path / "g"
-    assert sorted(os.listdir(run / "mosaics")) == ["iter-000003.png", "iter-000006.png"]
-    mosaic = Image.open(run / "mosaics" / "iter-000006.png")
+    run_dir = tmp_path / "g"
+    assert sorted(os.listdir(run_dir / "mosaics")) == ["contact-sheet.png", "iter-000003.png", "iter-000006.png"]
+    mosaic = Image.open(run_dir / "mosaics" / "iter-000006.png")
     assert mosaic.size == (6 * 64, 6 * 64)  # the study's 6x6 grid of 64 px faces
-    state = load_state(str(run / "checkpoint_000006"))
-    assert state["iteration"] == 6 and state["fixed_latents"].shape == (36, 128)
+    state = load_state(str(run_dir / "checkpoint_000006"))
+    assert state["iteration"] == 6 and state["image_size"] == 64 and state["fixed_latents"].shape == (36, 128)
     assert {"G", "D", "ema", "opt_g", "opt_d", "rng", "config"} <= set(state)
     capsys.readouterr()
     train_loop_per_worker(to_dict(gan_config(faces64, str(tmp_path), 9)))
     assert "resuming from iteration 6" in capsys.readouterr().out
-    iterations = [json.loads(line)["iteration"] for line in open(run / "metrics.jsonl")]
+    iterations = [json.loads(line)["iteration"] for line in open(run_dir / "metrics.jsonl")]
     assert iterations == list(range(1, 10))
-    assert all(abs(json.loads(line)["loss/d"]) < 1e3 for line in open(run / "metrics.jsonl"))
-    resumed = load_state(str(run / "checkpoint_000009"))
+    assert all(abs(json.loads(line)["loss/d"]) < 1e3 for line in open(run_dir / "metrics.jsonl"))
+    resumed = load_state(str(run_dir / "checkpoint_000009"))
     assert resumed["fixed_latents"].equal(state["fixed_latents"])  # mosaics stay comparable across the resume
+    assert json.loads((run_dir / "report.json").read_text())["iteration"] == 9
+    sheet = Image.open(run_dir / "mosaics" / "contact-sheet.png")
+    assert sheet.size == (2 * 256, 2 * 256)  # three mosaics, shrunk to 256 px tiles, two columns
 
 
-def test_bad_gan_settings_are_refused_by_name(faces64, tmp_path):  # noqa: F811
-    with pytest.raises(ValueError, match="model.arch must be one of paper, dcgan"):
-        gan_config(faces64, str(tmp_path), 3, "model.arch=stylegan").validate()
-    with pytest.raises(ValueError, match="unknown CelebA attribute 'Atractive'"):
-        gan_config(faces64, str(tmp_path), 3, "data.where=Atractive=1").validate()
+def test_fid_against_the_data_falls_as_the_gan_learns(learnt, judge):
+    first, last = learnt["first"], learnt["last"]
+    assert first["iteration"] == 1 and last["iteration"] == 150
+    assert last["fid"] < 0.5 * first["fid"] and last["kid"] < first["kid"]
+    assert NOT_COMPARABLE in last["feature_extractor"] and judge in last["feature_extractor"]
+    assert set(last["attribute_rate"]) == set(last["data_attribute_rate"]) == {"Male", "Smiling", "Attractive"}
+    assert all(0 <= r <= 1 for r in [*last["attribute_rate"].values(), *last["data_attribute_rate"].values()])
+    # The same metrics were logged during training, every --eval-every iterations
+    logged = [json.loads(line) for line in open(os.path.join(learnt["run"], "metrics.jsonl"))]
+    evaluated = [m for m in logged if "fid" in m]
+    assert [m["iteration"] for m in evaluated] == [75, 150]
+    assert {"kid", "rate/Male", "data_rate/Attractive"} <= set(evaluated[-1])
+    assert evaluated[-1]["fid"] < first["fid"]
+
+
+def test_evaluate_gan_and_generate_from_the_command_line(learnt, judge, tmp_path, capsys):
+    assert main(["evaluate-gan", learnt["run"], "--classifier", judge, "--samples", "60", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert {"fid", "kid", "feature_extractor", "attribute_rate", "data_attribute_rate", "samples"} <= set(result)
+    assert result["samples"] == 60 and result["iteration"] == 150
+    grids = {}
+    for name, seed in (("a", "5"), ("b", "5"), ("c", "6")):
+        assert main(["generate", learnt["run"], "--out", str(tmp_path / f"{name}.png"), "--seed", seed]) == 0
+        grids[name] = (tmp_path / f"{name}.png").read_bytes()
+    assert Image.open(io.BytesIO(grids["a"])).size == (6 * 64, 6 * 64)
+    assert grids["a"] == grids["b"] and grids["a"] != grids["c"]  # the seed decides the faces
+    assert main(["generate", learnt["run"], "--n", "10", "--out", str(tmp_path / "ten.png")]) == 0
+    assert Image.open(tmp_path / "ten.png").size == (4 * 64, 3 * 64)
+    assert main(["evaluate-gan", learnt["run"], "--samples", "60"]) == 2  # no features to compute FID with
+    assert "--inception-weights" in capsys.readouterr().err
+
+
+def _train_split(data: str) -> list:
+    loader = make_loader(LoaderConfig(data=data, split="train", training=False, batch_size=64, num_workers=0, targets=("Attractive", "Male")))
+    return list(loader)
+
+
+def test_the_classifier_filter_keeps_exactly_the_faces_it_judges_positive(faces64, judge):  # noqa: F811
+    classifier = TrainedClassifier.load(judge)
+    batches = _train_split(faces64)
+    # One face at a time: the truth the batched filter must reproduce.
+    scores = {k: classifier.probabilities(b.images[i : i + 1])[0, 2].item() for b in batches for i, k in enumerate(b.keys)}
+    ordered = sorted(scores.values())
+    threshold = (ordered[len(ordered) // 2] + ordered[len(ordered) // 2 + 1]) / 2  # between two faces: no ties
+    kept = list(judged_positive(batches, classifier, "Attractive", threshold, batch_size=16))
+    assert [k for b in kept for k in b.keys] == [k for b in batches for k in b.keys if scores[k] >= threshold]
+    assert all(len(b.keys) == 16 for b in kept[:-1]) and 0 < len(kept[-1].keys) <= 16
+    with pytest.raises(ValueError, match="scores 3 attributes: name one"):
+        next(judged_positive(batches, classifier, "", 0.5, 16))
+
+
+def test_the_gan_learns_from_exactly_the_faces_its_filters_select(faces64, judge):  # noqa: F811
+    labels = {k: tuple(t.tolist()) for b in _train_split(faces64) for k, t in zip(b.keys, b.targets)}
+    cfg = gan_config(faces64, "unused", 1, "data.where=Attractive=1,Male=0")
+    chosen = reference_faces(cfg, 10**6, torch.device("cpu"))
+    assert set(chosen.keys) == {k for k, (attractive, male) in labels.items() if attractive == 1 and male == 0}
+    judged = reference_faces(apply_overrides(cfg, [f"data.where_classifier={judge}", "data.classifier_attribute=Smiling"]), 10**6, torch.device("cpu"))
+    classifier = TrainedClassifier.load(judge)
+    assert set(judged.keys) < set(chosen.keys)
+    assert bool((classifier.probabilities(judged.images)[:, 1] >= 0.5).all())
+
+
+def _random_inception_file(path: str) -> None:
+    """A weights file in the FID Inception format (random values: the real one cannot be downloaded here)."""
+    from torch_fidelity import feature_extractor_inceptionv3 as fidelity
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fidelity, "load_state_dict_from_url", lambda *args, **kwargs: None)  # no download
+        patch.setattr(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)  # keep the random init
+        torch.save(fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict(), path)
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (os.system, ("echo owned",))
+
+
+def test_inception_weights_come_from_a_file_or_the_hub_cache_and_hostile_files_are_refused(tmp_path, monkeypatch):
+    hub = tmp_path / "torch-home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    with pytest.raises(ValueError, match="--inception-weights"):
+        pick_extractor("", None, torch.device("cpu"))
+    _random_inception_file(str(hub / INCEPTION_FILE))
+    extractor = pick_extractor("", None, torch.device("cpu"))  # found in the torch hub cache
+    assert "inception" in extractor.name and NOT_COMPARABLE not in extractor.name
+    assert extractor.features(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)).shape == (2, 2048)
+    hostile = tmp_path / "hostile.pth"
+    hostile.write_bytes(pickle.dumps(_RunsCode()))
+    with pytest.raises(InputError, match="refused: not a plain-data weights file"):
+        pick_extractor(str(hostile), None, torch.device("cpu"))
+    with pytest.raises(InputError, match="no such Inception weights file"):
+        pick_extractor(str(tmp_path / "absent.pth"), None, torch.device("cpu"))
+
+
+def test_two_worker_gan_on_ray_keeps_ranks_identical_and_writes_to_s3(faces64, s3, tmp_path):  # noqa: F811
+    result = run(gan_config(faces64, f"s3://{BUCKET}/gan-runs", 6, "name=ddp", "scale.num_workers=2"))
+    assert result.error is None
+    assert result.metrics["iteration"] == 6 and result.metrics["ranks_in_sync"] is True
+    run_uri = f"s3://{BUCKET}/gan-runs/ddp"
+    assert {"iter-000003.png", "iter-000006.png", "contact-sheet.png"} <= set(storage.list_names(f"{run_uri}/mosaics"))
+    assert main(["generate", run_uri, "--out", str(tmp_path / "grid.png")]) == 0  # straight from S3
+    assert Image.open(tmp_path / "grid.png").size == (6 * 64, 6 * 64)
+
+
+def test_a_killed_gan_worker_is_replaced_and_the_run_finishes_at_its_iteration(faces64, tmp_path):  # noqa: F811
+    iterations = 40
+    cfg = gan_config(faces64, str(tmp_path), iterations, "name=killed", "scale.num_workers=2", "scale.max_failures=1",
+                     "schedule.checkpoint_every=5", "schedule.mosaic_every=10")
+    outcome: dict = {}
+    fit = threading.Thread(target=lambda: outcome.update(result=run(cfg)))
+    fit.start()
+    run_dir = tmp_path / "killed"
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (run_dir.exists() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())):
+        time.sleep(0.05)
+    victims = _train_worker_pids()
+    assert victims, "no training worker alive after the first checkpoint"
+    os.kill(min(victims), signal.SIGKILL)
+    fit.join(timeout=400)
+    result = outcome["result"]
+    assert result.error is None
+    assert result.metrics["iteration"] == iterations and result.metrics["ranks_in_sync"] is True
+    # Every iteration logged exactly once: the lost ones were trained again from the checkpoint.
+    assert [json.loads(line)["iteration"] for line in open(run_dir / "metrics.jsonl")] == list(range(1, iterations + 1))
+    assert min(victims) not in _train_worker_pids()
+
+
+def _sync_probe(rank: int, init_file: str, perturb: bool, out: str) -> None:
+    """One of two gloo ranks: whether ranks_in_sync sees the ranks' weights agree."""
+    import torch.distributed as dist
+
+    from deeprecognition.loops.gan import ranks_in_sync
+    from deeprecognition.loops.session import Session
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.manual_seed(0)
+    nets = {key: torch.nn.Linear(3, 2) for key in ("G", "D", "ema")}
+    if perturb and rank == 1:
+        nets["D"].bias.data[0] += 1e-6  # one weight of one rank, barely off
+    with open(os.path.join(out, f"rank{rank}"), "w") as f:
+        f.write(str(ranks_in_sync(nets, Session(rank, 2, torch.device("cpu"), False, out))))
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("perturb", [False, True])
+def test_the_rank_sync_check_sees_one_weight_off_on_one_rank(tmp_path, perturb):
+    import torch.multiprocessing as mp
+
+    mp.spawn(_sync_probe, args=(str(tmp_path / "init"), perturb, str(tmp_path)), nprocs=2)
+    assert {(tmp_path / f"rank{r}").read_text() for r in range(2)} == {str(not perturb)}
