@@ -233,3 +233,11 @@ def test_the_rank_sync_check_sees_one_weight_off_on_one_rank(tmp_path, perturb):
 
     mp.spawn(_sync_probe, args=(str(tmp_path / "init"), perturb, str(tmp_path)), nprocs=2)
     assert {(tmp_path / f"rank{r}").read_text() for r in range(2)} == {str(not perturb)}
+
+
+def test_bench_gan_measures_both_architectures(capsys):
+    assert main(["bench", "gan", "--size", "32", "--batch-sizes", "2", "--steps", "1", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [(r["arch"], r["batch_size"]) for r in report["results"]] == [("paper", 2), ("dcgan", 2)]
+    assert all(r["images_per_s"] > 0 and r["iterations_per_s"] > 0 for r in report["results"])
+    assert report["image_size"] == 32 and report["device"]

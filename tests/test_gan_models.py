@@ -228,3 +228,21 @@ def test_one_discriminator_step_lowers_its_loss_on_a_fixed_batch():
     with torch.no_grad():
         after = loss().item()
     assert after < before - 1e-3
+
+
+def test_the_contact_sheet_shows_at_most_25_mosaics_evenly_spaced_with_the_last():
+    from deeprecognition.generate import evenly_spaced
+
+    assert evenly_spaced([50, 100, 150]) == [50, 100, 150]
+    picked = evenly_spaced(list(range(50, 100_001, 50)))
+    assert len(picked) <= 25 and picked[0] == 50 and picked[-1] == 100_000
+    gaps = {b - a for a, b in zip(picked, picked[1:-1])}
+    assert len(gaps) == 1  # even spacing up to the last
+
+
+def test_the_ema_warms_up_then_keeps_its_decay():
+    from deeprecognition.models.gan import ema_decay_at
+
+    assert ema_decay_at(0.999, 0) == 0.1  # the first update nearly copies G
+    assert ema_decay_at(0.999, 90) == 0.91
+    assert ema_decay_at(0.999, 100_000) == 0.999

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -72,12 +73,16 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from deeprecognition.bench import bench_loader, bench_pack, bench_train
+    from deeprecognition.bench import bench_gan, bench_loader, bench_pack, bench_train
 
-    if args.what == "loader":
+    if args.what == "gan":
+        result = bench_gan(size=args.size, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), iterations=args.steps or 3)
+    elif args.data is None:
+        raise ValueError(f"bench {args.what} needs DATA: a packed dataset (loader, train) or a CelebA source (pack)")
+    elif args.what == "loader":
         result = bench_loader(args.data, num_workers=args.num_workers, limit=args.limit)
     elif args.what == "train":
-        result = bench_train(args.data, steps=args.steps)
+        result = bench_train(args.data, steps=args.steps or 30)
     else:
         result = bench_pack(args.data, limit=args.limit)
     if args.json:
@@ -122,7 +127,9 @@ def _train(args: argparse.Namespace) -> int:
     except TrainingFailedError as err:
         print(f"deeprec train {args.job}: the run failed: {failure_summary(err)}", file=sys.stderr)
         return 1
-    print(f"run {cfg.name} finished: latest checkpoint {result.checkpoint.path if result.checkpoint else None}")
+    shown = {k: v for k, v in (result.metrics or {}).items() if k in ("epoch", "iteration", "val/mean_accuracy", "fid", "kid")}
+    summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+    print(f"run {cfg.name} finished ({summary}): latest checkpoint {result.checkpoint.path if result.checkpoint else None}")
     return 0
 
 
@@ -257,6 +264,66 @@ def _curves(args: argparse.Namespace) -> int:
     return 0
 
 
+def _checkpoints_list(args: argparse.Namespace) -> int:
+    from deeprecognition.catalog import format_runs, list_runs, runs_json
+
+    runs = list_runs(args.uri)
+    print(json.dumps(runs_json(runs), indent=1) if args.json else format_runs(runs))
+    return 0
+
+
+def _checkpoints_pull(args: argparse.Namespace) -> int:
+    from deeprecognition.catalog import human_bytes
+    from deeprecognition.pull import pull
+
+    r = pull(args.uri, args.dest, best=args.best, checkpoint=args.checkpoint, workers=args.workers, progress=sys.stderr.isatty())
+    checks = ", ".join(f"{n} by {how}" for how, n in sorted(r.checks.items()))
+    if r.up_to_date:
+        print(f"{r.dest} already holds {r.source}: {r.files} files verified ({checks})")
+    else:
+        print(f"pulled {r.source} into {r.dest}: {r.files} files, {human_bytes(r.bytes)} ({r.fetched} fetched, {r.kept} kept from an interrupted pull; verified {checks}) in {r.seconds:.1f} s")
+    return 0
+
+
+def _add_checkpoints(sub: argparse._SubParsersAction) -> None:
+    commands = sub.add_parser("checkpoints", help="list and pull runs and checkpoints from run storage").add_subparsers(dest="action", required=True)
+    p = commands.add_parser("list", help="runs and checkpoints under a storage URI, with positions, metrics and sizes, best first")
+    p.add_argument("uri", help="run storage, a run or a checkpoint (local or s3://)")
+    p.add_argument("--json", action="store_true")
+    _add_storage_args(p)
+    p.set_defaults(run=_checkpoints_list)
+    p = commands.add_parser("pull", help="download a run, a checkpoint or the best one, verified, into DEST/NAME")
+    p.add_argument("uri", help="a run or a checkpoint (local or s3://); with --best or --checkpoint also run storage")
+    p.add_argument("dest", help="local folder: the pull lands in DEST/NAME, complete or not at all")
+    p.add_argument("--best", action="store_true", help="only the best checkpoint (FID, else val/mean_accuracy, else the latest)")
+    p.add_argument("--checkpoint", metavar="NAME", help="only this checkpoint (checkpoint_... or RUN/checkpoint_...)")
+    p.add_argument("--workers", type=int, default=8, help="parallel downloads [8]")
+    _add_storage_args(p)
+    p.set_defaults(run=_checkpoints_pull)
+
+
+def _tune(args: argparse.Namespace) -> int:
+    """`deeprec tune FILE`: a sweep of distributed trials, then its trials ranked by the metric."""
+    from deeprecognition.sweep.results import format_table
+    from deeprecognition.sweep.tuner import SweepOptions, run_sweep
+
+    options = SweepOptions(file=args.file, data=args.data, storage=args.storage, name=args.name, num_samples=args.num_samples,
+                           resume=args.resume, smoke=args.smoke, overrides=tuple(args.set))
+    # Tune prints its progress on stdout: with --json it goes to stderr, so stdout is the JSON alone.
+    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
+        result = run_sweep(options)
+    if args.json:
+        print(json.dumps(result.to_json()))
+    else:
+        print(format_table(result))
+        print(f"results.csv, results.png and each trial's run (trials/<trial id>/) are in {result.path}")
+    if result.incomplete:
+        states = ", ".join(f"{t.trial_id} {t.status}" for t in result.incomplete)
+        print(f"deeprec tune: {len(result.incomplete)} trial(s) did not finish ({states}): run the same command with --resume to continue", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _add_storage_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--endpoint-url", help="S3-compatible endpoint (default: AWS_ENDPOINT_URL); credentials come from the standard AWS chain")
 
@@ -303,9 +370,11 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_stats)
 
     p = sub.add_parser("bench", help="throughput benchmarks with their baselines")
-    p.add_argument("what", choices=["pack", "loader", "train"])
-    p.add_argument("data", help="loader, train: a packed dataset; pack: a CelebA source")
-    p.add_argument("--steps", type=int, default=30, help="train: steps per measured epoch [30]")
+    p.add_argument("what", choices=["pack", "loader", "train", "gan"])
+    p.add_argument("data", nargs="?", help="loader, train: a packed dataset; pack: a CelebA source; gan: none")
+    p.add_argument("--steps", type=int, help="train: steps per measured epoch [30]; gan: measured iterations [3]")
+    p.add_argument("--size", type=int, default=64, help="gan: image side [64]")
+    p.add_argument("--batch-sizes", default="16,128", help="gan: comma list [16,128]")
     p.add_argument("--num-workers", type=int, default=0, help="loader: DataLoader workers [0 = this process, one core]")
     p.add_argument("--limit", type=int, default=5000, help="images to measure [5000]")
     p.add_argument("--json", action="store_true")
@@ -346,6 +415,21 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _add_storage_args(p)
     p.set_defaults(run=_evaluate_gan)
+
+    _add_checkpoints(sub)
+
+    p = sub.add_parser("tune", help="a Ray Tune sweep whose trials are distributed training runs (tune_configs/*.yaml)")
+    p.add_argument("file", help="a sweep file, e.g. tune_configs/cnn_layers.yaml")
+    p.add_argument("--data", required=True, help="packed dataset (local or s3://)")
+    p.add_argument("--storage", required=True, help="where sweeps live: local folder or s3://bucket/prefix")
+    p.add_argument("--name", help="sweep name [the file's name; with --smoke, NAME-smoke]")
+    p.add_argument("--num-samples", type=int, help="instead of the file's num_samples")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted sweep; ended trials are not run again")
+    p.add_argument("--smoke", action="store_true", help="every trial shrunk (the file's smoke: section): a laptop runs the sweep in minutes")
+    p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="a config field of every trial, e.g. eval.classifier=RUN")
+    p.add_argument("--json", action="store_true", help='print {"metric", "mode", "trials", "best", ...} instead of the table')
+    _add_storage_args(p)
+    p.set_defaults(run=_tune)
 
     train = sub.add_parser("train", help="distributed training jobs").add_subparsers(dest="job", required=True)
     _add_train_classifier(train)

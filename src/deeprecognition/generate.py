@@ -39,20 +39,23 @@ def grid_png(images: Tensor, labels: list[str] | None = None) -> bytes:
     return buf.getvalue()
 
 
-def contact_sheet_png(mosaics: dict[int, bytes], tiles: int = 25, tile_size: int = 256) -> bytes:
-    """The run's mosaics over time on one sheet: up to `tiles` of them, evenly spaced and always
-    with the last, each shrunk to `tile_size` px and labelled with its iteration."""
+def evenly_spaced(iterations: list[int], tiles: int = 25) -> list[int]:
+    """Up to `tiles` of the iterations, evenly spaced, always with the last."""
+    iterations = sorted(iterations)
+    step = max(1, math.ceil(len(iterations) / tiles))
+    return sorted(set(iterations[::step][: tiles - 1] + iterations[-1:]))
+
+
+def contact_sheet_png(mosaics: dict[int, bytes], tile_size: int = 256) -> bytes:
+    """Mosaics over time on one sheet: each shrunk to `tile_size` px and labelled with its iteration."""
     import numpy as np
     from PIL import Image
 
-    iterations = sorted(mosaics)
-    step = max(1, math.ceil(len(iterations) / tiles))
-    chosen = sorted(set(iterations[::step][: tiles - 1] + iterations[-1:]))
-    shrunk = []
-    for it in chosen:
+    tiles = []
+    for it in sorted(mosaics):
         picture = Image.open(io.BytesIO(mosaics[it])).convert("RGB").resize((tile_size, tile_size), Image.Resampling.LANCZOS)
-        shrunk.append(torch.from_numpy(np.array(picture)).permute(2, 0, 1))
-    return grid_png(torch.stack(shrunk), [f"iter {it}" for it in chosen])
+        tiles.append(torch.from_numpy(np.array(picture)).permute(2, 0, 1))
+    return grid_png(torch.stack(tiles), [f"iter {it}" for it in sorted(mosaics)])
 
 
 @dataclass

@@ -17,7 +17,7 @@ from torch import nn
 from deeprecognition import storage
 from deeprecognition.checkpoint import restore_rng, rng_state
 from deeprecognition.config import GanConfig, from_dict, to_dict
-from deeprecognition.generate import contact_sheet_png, grid_png
+from deeprecognition.generate import contact_sheet_png, evenly_spaced, grid_png
 from deeprecognition.loops.gan_data import real_batches, reference_faces
 from deeprecognition.loops.session import Session
 from deeprecognition.models.gan import build_gan, d_loss, draws_with_ema, ema_copy, ema_decay_at, g_loss, to_tanh_range, to_uint8, update_ema
@@ -43,7 +43,7 @@ def _clip(module: nn.Module, limit: float) -> None:
         nn.utils.clip_grad_norm_(module.parameters(), limit)
 
 
-def _step(cfg: GanConfig, nets: dict[str, Any], real: torch.Tensor, noise: torch.Generator, iteration: int) -> dict[str, float]:
+def gan_step(cfg: GanConfig, nets: dict[str, Any], real: torch.Tensor, noise: torch.Generator, iteration: int) -> dict[str, float]:
     G, D, opt_g, opt_d = nets["G"], nets["D"], nets["opt_g"], nets["opt_d"]
     plain_d = _unwrap(D)
     batch, device = real.shape[0], real.device
@@ -88,13 +88,19 @@ def _state(cfg: GanConfig, nets: dict[str, Any], iteration: int, fixed: torch.Te
     }
 
 
-def _build(cfg: GanConfig, session: Session, image_size: int) -> tuple[dict[str, Any], int, torch.Tensor]:
-    """Networks, optimisers and EMA, restored from the latest checkpoint when there is one."""
+def make_nets(cfg: GanConfig, image_size: int, device: torch.device) -> dict[str, Any]:
+    """G, D, G's EMA copy and both optimisers, freshly initialised from the run's seed."""
     torch.manual_seed(cfg.optim.seed)
-    G, D = (m.to(session.device) for m in build_gan(cfg.model.arch, cfg.model.latent, image_size, cfg.model.width))
+    G, D = (m.to(device) for m in build_gan(cfg.model.arch, cfg.model.latent, image_size, cfg.model.width))
     nets: dict[str, Any] = {"G": G, "D": D, "ema": ema_copy(G)}
     nets["opt_g"] = _optimizer(cfg, G.parameters(), cfg.optim.lr_g)
     nets["opt_d"] = _optimizer(cfg, D.parameters(), cfg.optim.lr_d)
+    return nets
+
+
+def _build(cfg: GanConfig, session: Session, image_size: int) -> tuple[dict[str, Any], int, torch.Tensor]:
+    """Networks, optimisers and EMA, restored from the latest checkpoint when there is one."""
+    nets = make_nets(cfg, image_size, session.device)
     # The same 36 latent vectors for every mosaic of the run, as the study did.
     fixed = torch.randn(MOSAIC, cfg.model.latent, generator=torch.Generator().manual_seed(cfg.optim.seed))
     state, start = session.latest_state(), 0
@@ -162,14 +168,23 @@ def _eval_scalars(result: dict[str, Any]) -> dict[str, float]:
     return scalars
 
 
+def _progress_line(metrics: dict[str, Any], total: int) -> str:
+    line = f"iteration {metrics['iteration']}/{total}  loss D {metrics['loss/d']:.4f}  G {metrics['loss/g']:.4f}"
+    if "fid" in metrics:
+        line += f"  FID {metrics['fid']:.2f}  KID {metrics['kid']:.4f}"
+    return line
+
+
 def _finish(session: Session, log: RunLog, last: dict[str, Any]) -> None:
     """Rank 0: the metrics log, the final metrics as report.json, the mosaics' contact sheet."""
     log.flush()
     storage.write_bytes_atomic(storage.join(session.run_dir, "report.json"), json.dumps(last, indent=1).encode())
     folder = storage.join(session.run_dir, "mosaics")
-    mosaics = {int(n[5:-4]): storage.read_bytes(storage.join(folder, n)) for n in storage.list_names(folder) if n.startswith("iter-")}
-    if mosaics:
-        storage.write_bytes_atomic(storage.join(folder, "contact-sheet.png"), contact_sheet_png(mosaics))
+    written = [int(n[5:-4]) for n in storage.list_names(folder) if n.startswith("iter-")]
+    # A long run writes thousands of mosaics: read only the ones the sheet shows.
+    chosen = {it: storage.read_bytes(storage.join(folder, f"iter-{it:06d}.png")) for it in evenly_spaced(written)}
+    if chosen:
+        storage.write_bytes_atomic(storage.join(folder, "contact-sheet.png"), contact_sheet_png(chosen))
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -185,7 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     reals = real_batches(cfg, session.rank, session.world_size, session.device)
     metrics: dict[str, Any] = {}
     for iteration in range(start + 1, total + 1):
-        metrics = {"iteration": iteration, "step": iteration, **_step(cfg, nets, next(reals).to(session.device, non_blocking=True), noise, iteration)}
+        metrics = {"iteration": iteration, "step": iteration, **gan_step(cfg, nets, next(reals).to(session.device, non_blocking=True), noise, iteration)}
         last = iteration == total
         checkpoint_now = iteration % sched.checkpoint_every == 0 or last
         eval_now = bool(sched.eval_every) and (iteration % sched.eval_every == 0 or last)
@@ -201,6 +216,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 raise RuntimeError(f"iteration {iteration}: the ranks' G/D/EMA weights differ; DDP lost sync, not checkpointing a diverged model")
         if log is not None and (iteration % sched.log_every == 0 or checkpoint_now or eval_now):
             log.log(metrics, flush=checkpoint_now or eval_now)
+            if checkpoint_now or eval_now:
+                print(_progress_line(metrics, total), flush=True)
         if checkpoint_now or eval_now:  # every rank reports together; Tune's schedulers see the metrics
             session.report(metrics, _state(cfg, nets, iteration, fixed, image_size) if checkpoint_now and rank0 else None)
     if log is not None and metrics:  # nothing to finish when the run was already at --iterations
