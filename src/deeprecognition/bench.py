@@ -212,16 +212,19 @@ def bench_train(data: str, steps: int = 30, batch_size: int = 64, layers: int = 
     }
 
 
-def bench_gan(size: int = 64, batch_sizes: tuple[int, ...] = (16, 128), iterations: int = 3) -> dict:
+def bench_gan(size: int = 64, batch_sizes: tuple[int, ...] = (16, 128), iterations: int = 3, presets: tuple[str, ...] = ("paper-gan", "dcgan")) -> dict:
     """Iterations/s and images/s of one GAN iteration (the D phase, then the G phase) for both
     architectures at each batch size, on random uint8 "real" batches: the models' cost without the
     loader. bf16 autocast on a GPU, as in training; the first iteration is warm-up."""
     from deeprecognition.config import GAN_PRESETS
     from deeprecognition.loops.gan import gan_step, make_nets
 
+    unknown = set(presets) - set(GAN_PRESETS)
+    if unknown:
+        raise ValueError(f"unknown GAN preset(s) {', '.join(sorted(unknown))}; presets: {', '.join(GAN_PRESETS)}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     results = []
-    for preset_name in ("paper-gan", "dcgan"):
+    for preset_name in presets:
         cfg = GAN_PRESETS[preset_name]()
         for batch in batch_sizes:
             nets = make_nets(cfg, size, device)
