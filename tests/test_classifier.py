@@ -64,7 +64,7 @@ def test_one_process_run_learns_then_resumes_where_it_stopped(faces64, tmp_path)
     assert epochs_logged(run_dir) == [0, 1, 2, 3, 4]
     assert load_state(os.path.join(run_dir, "checkpoint_000004"))["step"] > state["step"]
     kept = sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint_"))
-    best = max(epochs_logged_metrics(run_dir)[:4], key=lambda m: m["val/mean_accuracy"])["epoch"]
+    best = max(epochs_logged_metrics(run_dir)[:4], key=lambda m: (m["val/mean_accuracy"], m["epoch"]))["epoch"]  # a tie keeps the later
     assert kept == sorted({f"checkpoint_{best:06d}", "checkpoint_000004"})  # the best plus the latest
     # What the run leaves beside its checkpoints
     with open(os.path.join(run_dir, "report.json")) as f:

@@ -215,7 +215,7 @@ def bench_train(data: str, steps: int = 30, batch_size: int = 64, layers: int = 
 def bench_gan(size: int = 64, batch_sizes: tuple[int, ...] = (16, 128), iterations: int = 3, presets: tuple[str, ...] = ("paper-gan", "dcgan")) -> dict:
     """Iterations/s and images/s of one GAN iteration (the D phase, then the G phase) for both
     architectures at each batch size, on random uint8 "real" batches: the models' cost without the
-    loader. bf16 autocast on a GPU, as in training; the first iteration is warm-up."""
+    loader. bf16 autocast on a GPU, as in training; three warm-up iterations are not timed."""
     from deeprecognition.config import GAN_PRESETS
     from deeprecognition.loops.gan import gan_step, make_nets
 
@@ -230,7 +230,8 @@ def bench_gan(size: int = 64, batch_sizes: tuple[int, ...] = (16, 128), iteratio
             nets = make_nets(cfg, size, device)
             real = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8, device=device)
             noise = torch.Generator(device).manual_seed(0)
-            gan_step(cfg, nets, real, noise, 0)  # warm-up: allocator, cuDNN autotuning
+            for i in range(3):  # warm-up: the first iterations pay for oneDNN/cuDNN kernel selection
+                gan_step(cfg, nets, real, noise, i)
             start = time.perf_counter()
             for i in range(iterations):
                 gan_step(cfg, nets, real, noise, i)

@@ -55,6 +55,34 @@ def write_checkpoint(folder: str, state: dict[str, Any], metrics: dict[str, Any]
         json.dump({name: {"bytes": os.path.getsize(p), "sha256": file_digest(p)} for name, p in paths.items()}, f, indent=1)
 
 
+def incomplete_reason(files: dict[str, int], checksums: dict[str, Any] | None) -> str | None:
+    """Why a checkpoint folder holding `files` ({name: bytes}) is not whole, or None when it is.
+
+    Ray uploads a checkpoint's files one by one (on S3 each appears only complete, on a local
+    disk it grows in place), so a killed upload leaves a folder with some of them, or a short one:
+    whole means checksums.json is there and every file it lists has its listed size."""
+    if checksums is None:
+        return f"no readable {CHECKSUMS}: an interrupted upload (or not written by deeprec train)"
+    for name, entry in sorted(checksums.items()):
+        if name not in files:
+            return f"{name} is missing: an interrupted upload"
+        if files[name] != entry["bytes"]:
+            return f"{name} is {files[name]} bytes, {CHECKSUMS} says {entry['bytes']}: an interrupted upload"
+    return None
+
+
+def read_checksums(folder: str) -> dict[str, Any] | None:
+    """A checkpoint folder's checksums.json, or None when it is absent or cut short."""
+    try:
+        listed = json.loads(storage.read_bytes(storage.join(folder, CHECKSUMS)))
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    well_formed = isinstance(listed, dict) and all(
+        isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str) for e in listed.values()
+    )
+    return listed if well_formed else None
+
+
 def file_digest(path: str, algorithm: str = "sha256") -> str:
     """Hex digest of a local file, read in 8 MiB blocks."""
     digest = hashlib.new(algorithm)
@@ -70,8 +98,10 @@ def best_checkpoint(uri: str, metric: str = "val/mean_accuracy") -> str:
         return uri
     scored = []
     for name in storage.list_folders(uri):
-        if name.startswith("checkpoint_") and storage.exists(storage.join(uri, name, METRICS)):
-            scored.append((json.loads(storage.read_bytes(storage.join(uri, name, METRICS))).get(metric, float("-inf")), name))
+        folder = storage.join(uri, name)
+        if name.startswith("checkpoint_") and storage.exists(storage.join(folder, METRICS)):
+            if incomplete_reason(storage.list_sizes(folder), read_checksums(folder)) is None:  # never half an upload
+                scored.append((json.loads(storage.read_bytes(storage.join(folder, METRICS))).get(metric, float("-inf")), name))
     if not scored:
         raise InputError(uri, "holds neither state.pt nor checkpoint_* folders: give a checkpoint or a run folder")
     return storage.join(uri, max(scored)[1])
@@ -81,6 +111,9 @@ def load_state(checkpoint: str) -> dict[str, Any]:
     """The state dict of a checkpoint folder, local or s3://, refusing anything but plain data."""
     uri = storage.join(checkpoint, STATE)
     raw = storage.read_required(uri, "a checkpoint folder holds state.pt and config.json")
+    expected = (read_checksums(checkpoint) or {}).get(STATE)
+    if expected and (len(raw) != expected["bytes"] or hashlib.sha256(raw).hexdigest() != expected["sha256"]):
+        raise InputError(uri, f"refused: {len(raw)} bytes that do not match its {CHECKSUMS} (an interrupted upload, or a changed file)")
     try:
         return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - the unpickler's refusal comes in several types

@@ -48,6 +48,8 @@ def _pack(args: argparse.Namespace) -> int:
         print(f"{m.skipped['undecodable']} images did not decode and were skipped: {', '.join(m.skipped['undecodable_files'][:10])}")
     if not report.up_to_date:
         print(f"{report.images_per_s:.0f} images/s over {report.seconds:.1f} s")
+    if report.retries:
+        print(f"{report.retries} storage operations were retried (connections reset or cut, throttling; each is logged)")
     return 0
 
 
@@ -57,8 +59,11 @@ def _verify(args: argparse.Namespace) -> int:
     report = verify(args.data, num_workers=args.num_workers)
     for p in report.problems:
         print(f"BAD {p.shard}: {p.problem}")
+    for name in report.unlisted:
+        print(f"UNLISTED {name}: in the folder but not in manifest.json, so never read (a shard of another pack?)")
     status = "OK" if report.ok else f"{len(report.problems)} bad shard(s)"
-    print(f"{status}: checked {report.shards} shards, {report.samples} samples in {args.data}")
+    retried = f" ({report.retries} storage operations retried)" if report.retries else ""
+    print(f"{status}: checked {report.shards} shards, {report.samples} samples in {args.data}{retried}")
     return 0 if report.ok else 1
 
 
@@ -76,7 +81,8 @@ def _bench(args: argparse.Namespace) -> int:
     from deeprecognition.bench import bench_gan, bench_loader, bench_pack, bench_train
 
     if args.what == "gan":
-        result = bench_gan(size=args.size, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), iterations=args.steps or 3)
+        result = bench_gan(size=args.size, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), iterations=args.steps or 3,
+                           presets=tuple(args.gan_presets.split(",")))
     elif args.data is None:
         raise ValueError(f"bench {args.what} needs DATA: a packed dataset (loader, train) or a CelebA source (pack)")
     elif args.what == "loader":
@@ -282,6 +288,8 @@ def _checkpoints_pull(args: argparse.Namespace) -> int:
         print(f"{r.dest} already holds {r.source}: {r.files} files verified ({checks})")
     else:
         print(f"pulled {r.source} into {r.dest}: {r.files} files, {human_bytes(r.bytes)} ({r.fetched} fetched, {r.kept} kept from an interrupted pull; verified {checks}) in {r.seconds:.1f} s")
+    if r.retries:
+        print(f"{r.retries} storage operations were retried (connections reset or cut, throttling; each is logged)")
     return 0
 
 
@@ -375,6 +383,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="train: steps per measured epoch [30]; gan: measured iterations [3]")
     p.add_argument("--size", type=int, default=64, help="gan: image side [64]")
     p.add_argument("--batch-sizes", default="16,128", help="gan: comma list [16,128]")
+    p.add_argument("--gan-presets", default="paper-gan,dcgan", help="gan: comma list [paper-gan,dcgan]")
     p.add_argument("--num-workers", type=int, default=0, help="loader: DataLoader workers [0 = this process, one core]")
     p.add_argument("--limit", type=int, default=5000, help="images to measure [5000]")
     p.add_argument("--json", action="store_true")
@@ -439,7 +448,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # -v: this package's debug messages, others' from INFO up. Debug logs of botocore and urllib3
+    # print request headers, whose signature names the access key: credentials never reach a log.
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.verbose:
+        log.setLevel(logging.DEBUG)
     if getattr(args, "endpoint_url", None):
         from deeprecognition.storage import set_endpoint_url
 

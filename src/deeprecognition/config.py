@@ -84,6 +84,9 @@ class ScaleConfig:
     max_failures: int = 0  # worker failures survived by restarting from the latest checkpoint
     elastic_min: int | None = None  # continue on as few as this many workers after losing some
     keep_checkpoints: int = 2  # best N by validation metric (plus the latest)
+    # Steps (classifier) or iterations (GAN) between checks for a node drain (a preemption notice),
+    # each a Ray collective of ~1-7 ms; 0: never check. README "Reliability" has the arithmetic.
+    preemption_check_every: int = 50
 
 
 @dataclass(kw_only=True)

@@ -3,6 +3,7 @@ under `ray job submit`), else a local Ray started on demand with every core of t
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 
@@ -14,12 +15,23 @@ _FORWARDED_ENV = ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_REGION", "AWS_
 
 
 def worker_runtime_env() -> dict | None:
-    """The object-store settings of this process, as a Ray runtime_env for its tasks."""
-    env_vars = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
+    """The object-store settings of this process, as a Ray runtime_env for its tasks, less those
+    the job's own runtime env already gives every worker."""
+    job_env = _submitted_job_env_vars()
+    env_vars = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k) and k not in job_env}
     return {"env_vars": env_vars} if env_vars else None
 
 
-def ensure_ray() -> None:
+def _submitted_job_env_vars() -> dict[str, str]:
+    """env_vars of `ray job submit --runtime-env-json`, which Ray hands the entrypoint in
+    RAY_JOB_CONFIG_JSON_ENV_VAR: ray.init refuses a runtime_env that sets any of them again."""
+    job_config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return (job_config.get("runtime_env") or {}).get("env_vars") or {}
+
+
+def ensure_ray(dashboard: bool = False) -> None:
+    """`dashboard`: a local Ray with its dashboard, whose state API Ray needs to free the placement
+    groups of the trials that ASHA stops (without it, later trials wait for workers forever)."""
     import ray
 
     if ray.is_initialized():
@@ -31,7 +43,7 @@ def ensure_ray() -> None:
         ray.init(address=address, runtime_env=runtime_env, log_to_driver=True)
     else:
         log.info("starting a local Ray with %d CPUs", os.cpu_count() or 1)
-        ray.init(address="local", runtime_env=runtime_env, include_dashboard=False, log_to_driver=True)
+        ray.init(address="local", runtime_env=runtime_env, include_dashboard=dashboard, log_to_driver=True)
 
 
 def cluster_capacity() -> dict[str, float]:

@@ -71,11 +71,38 @@ def filesystem(uri: str) -> tuple[Any, str]:
     # botocore's "standard" mode retries throttling and 5xx with backoff; our `retrying` adds the
     # failures it does not cover (connections reset or cut mid-body) and counts them.
     config_kwargs = {"retries": {"max_attempts": 5, "mode": "standard"}}
-    fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, config_kwargs=config_kwargs)
+    # No listing cache: other processes write the same bucket (Ray's uploads, other ranks, other
+    # users), and s3fs would answer "not found" for an object created after it listed the folder.
+    fs = s3fs.S3FileSystem(client_kwargs=client_kwargs, config_kwargs=config_kwargs, use_listings_cache=False)
     # s3fs would silently retry a body cut mid-stream itself; one attempt there lets `retrying`
     # see the failure, back off, count it and log it.
     fs.retries = 1
+    _count_botocore_retries(fs.s3)
     return fs, path
+
+
+def _count_botocore_retries(client: Any) -> None:
+    """Count and log the retries botocore makes on its own (throttling, 5xx, a connection dropped
+    before the response), which it logs at debug level only: every retry shows in RETRIES."""
+    if getattr(client, "_deeprec_counts_retries", False):
+        return
+
+    def on_response(event_name: str, context: dict, exception: BaseException | None = None, response_dict: dict | None = None, **_: Any) -> None:
+        attempt = (context.get("retries") or {}).get("attempt", 1)
+        if attempt > 1:
+            what = f"s3 {event_name.rsplit('.', 1)[-1]}"
+            RETRIES[what] += 1
+            log.warning("storage: %s retried by botocore (attempt %d) after %s", what, attempt, context.get("deeprec_last_failure", "a failure"))
+        if exception is not None or (response_dict or {}).get("status_code", 200) >= 400:
+            context["deeprec_last_failure"] = f"{type(exception).__name__}: {exception}" if exception is not None else f"HTTP {response_dict['status_code']}"
+
+    client.meta.events.register("response-received.s3", on_response)
+    client._deeprec_counts_retries = True
+
+
+def retry_count() -> int:
+    """Storage retries so far in this process, ours and botocore's; a report counts the difference."""
+    return sum(RETRIES.values())
 
 
 def _is_transient(err: BaseException) -> bool:
@@ -167,7 +194,11 @@ def _entries(uri: str) -> list[tuple[str, str, int]]:
             entries = fs.ls(path, detail=True, refresh=True)
         except FileNotFoundError:
             return []
-        return [(e["name"].rstrip("/").rsplit("/", 1)[-1], e["type"], int(e.get("size") or 0)) for e in entries]
+        return [
+            (e["name"].rstrip("/").rsplit("/", 1)[-1], e["type"], int(e.get("size") or 0))
+            for e in entries
+            if not (e["type"] == "file" and e["name"].endswith("/") and not e.get("size"))  # a folder marker (see walk)
+        ]
 
     return retrying(f"list {uri}", ls)
 
@@ -212,7 +243,8 @@ def walk(uri: str) -> dict[str, ObjectInfo]:
         return {
             key[len(prefix) :]: ObjectInfo(int(e["size"]), (e.get("ETag") or "").strip('"') or None)
             for key, e in fs.find(path, detail=True).items()
-            if key.startswith(prefix) and e.get("type") == "file"
+            # Empty keys ending in "/" are folder markers (pyarrow writes one per folder), not files.
+            if key.startswith(prefix) and e.get("type") == "file" and not (key.endswith("/") and not e["size"])
         }
 
     return retrying(f"walk {uri}", find)

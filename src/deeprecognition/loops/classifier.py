@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
@@ -85,15 +87,30 @@ def evaluate(model: nn.Module, norm: InputNorm, loader, attributes: tuple[str, .
     return AttributeMetrics.from_counts(attributes, counts.cpu(), majority=majority).compute()
 
 
-def _train_epoch(model, norm, loader, optimizer, cfg: ClassifierConfig, device: torch.device) -> tuple[float, float, int, float]:
-    """Mean loss, mean label accuracy, images seen and seconds for one epoch on this rank."""
+@dataclass
+class EpochProgress:
+    """Where this rank stands inside an epoch. A mid-epoch (preemption) checkpoint saves rank 0's,
+    so the resumed run skips the batches already trained and ends the epoch with the same step
+    count and the same train metrics as a run that was never interrupted."""
+
+    steps: int = 0
+    loss_sum: float = 0.0
+    correct: float = 0.0  # sum over images of the share of labels right
+    seen: int = 0
+
+
+def _train_epoch(model, norm, loader, optimizer, cfg: ClassifierConfig, device: torch.device, progress: EpochProgress,
+                 after_step: Callable[[], None]) -> tuple[int, float]:
+    """Train one epoch from `progress.steps` on, updating `progress`; images trained and seconds."""
     model.train()
     loss_fn = nn.BCEWithLogitsLoss()
-    total, correct, seen, start = 0.0, 0.0, 0, time.perf_counter()
+    trained, start = 0, time.perf_counter()
     limit = cfg.optim.steps_per_epoch or math.inf
-    for step, batch in enumerate(loader):
-        if step >= limit:
+    for index, batch in enumerate(loader):
+        if index >= limit:
             break
+        if index < progress.steps:  # trained before the mid-epoch checkpoint this run resumed from
+            continue
         images = norm(batch.images.to(device, non_blocking=True))
         targets = batch.targets.to(device, non_blocking=True).float()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -102,14 +119,19 @@ def _train_epoch(model, norm, loader, optimizer, cfg: ClassifierConfig, device: 
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        total += loss.item() * len(batch.keys)
-        correct += ((logits.detach() > 0) == (targets > 0)).float().mean(1).sum().item()
-        seen += len(batch.keys)
-    return total / max(seen, 1), correct / max(seen, 1), seen, time.perf_counter() - start
+        progress.steps += 1
+        progress.loss_sum += loss.item() * len(batch.keys)
+        progress.correct += ((logits.detach() > 0) == (targets > 0)).float().mean(1).sum().item()
+        progress.seen += len(batch.keys)
+        trained += len(batch.keys)
+        after_step()
+    return trained, time.perf_counter() - start
 
 
-def _state(cfg: ClassifierConfig, model: nn.Module, optimizer, epoch: int, step: int, attributes: tuple[str, ...], image_size: int) -> dict[str, Any]:
-    return {
+def _state(cfg: ClassifierConfig, model: nn.Module, optimizer, epoch: int, step: int, attributes: tuple[str, ...], image_size: int,
+           progress: EpochProgress | None = None) -> dict[str, Any]:
+    """`epoch` done (its `step` counts every step so far), or with `progress` only that far into it."""
+    state = {
         "image_size": image_size,  # the model's input side: the CNN's dense layer depends on it
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict(),
@@ -119,6 +141,24 @@ def _state(cfg: ClassifierConfig, model: nn.Module, optimizer, epoch: int, step:
         "config": to_dict(cfg),
         "attributes": list(attributes),
     }
+    if progress is not None:
+        state["epoch_progress"] = asdict(progress)
+    return state
+
+
+def _resume(session: Session, model: nn.Module, optimizer) -> tuple[int, int, EpochProgress]:
+    """The epoch to start at, the steps so far, and how far into that epoch the latest checkpoint is."""
+    state = session.latest_state()
+    if state is None:
+        return 0, 0, EpochProgress()
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    restore_rng(state["rng"])
+    # A mid-epoch checkpoint (written on a preemption notice) finishes its epoch; an epoch's own starts the next.
+    epoch, progress = (state["epoch"], EpochProgress(**state["epoch_progress"])) if "epoch_progress" in state else (state["epoch"] + 1, EpochProgress())
+    if session.rank == 0:
+        print(f"resuming at epoch {epoch} after {progress.steps} of its steps ({state['step']} steps in all)", flush=True)
+    return epoch, state["step"], progress
 
 
 def _feature_caches(cfg: ClassifierConfig, session: Session, model: nn.Module, norm: nn.Module, attributes: tuple[str, ...]) -> list[FeatureCache]:
@@ -148,13 +188,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = model.to(memory_format=torch.channels_last)
     norm = InputNorm(cfg.model.name).to(session.device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    start_epoch, step = 0, 0
-    state = session.latest_state()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        restore_rng(state["rng"])
-        start_epoch, step = state["epoch"] + 1, state["step"]
+    start_epoch, step, resumed = _resume(session, model, optimizer)
     if uses_feature_cache(cfg):
         train, val, test_loader = _feature_caches(cfg, session, model, norm, attributes)
         runner, runner_norm = model.head, nn.Identity()
@@ -167,18 +201,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         runner = torch.compile(runner)
     majority = majority_of(manifest, attributes)
     log = RunLog(session.run_dir, to_dict(cfg), start_epoch) if session.rank == 0 else None
+    every = cfg.scale.preemption_check_every
     for epoch in range(start_epoch, cfg.optim.epochs):
         train.dataset.set_epoch(epoch)
-        loss, train_acc, seen, seconds = _train_epoch(runner, runner_norm, train, optimizer, cfg, session.device)
-        step += math.ceil(seen / cfg.data.batch_size)
+        progress, resumed = resumed, EpochProgress()
+        first = step - progress.steps  # steps before this epoch
+
+        def checkpoint_if_preempted() -> None:
+            """On a drain notice, a mid-epoch checkpoint at once: at most the steps after it are lost."""
+            at = first + progress.steps
+            if every and at % every == 0 and session.preemption_pending():
+                state = _state(cfg, model, optimizer, epoch, at, attributes, manifest.image.size, progress) if session.rank == 0 else None
+                session.report({"epoch": epoch, "step": at, "world_size": session.world_size, "preemption_checkpoint": True}, state)
+
+        trained, seconds = _train_epoch(runner, runner_norm, train, optimizer, cfg, session.device, progress, checkpoint_if_preempted)
+        step = first + progress.steps
         result = evaluate(runner, runner_norm, val, attributes, majority, session.device)
+        loss, train_acc = progress.loss_sum / max(progress.seen, 1), progress.correct / max(progress.seen, 1)
         metrics = {
             "epoch": epoch,
             "step": step,
             "world_size": session.world_size,  # shows an elastic run shrinking or growing
             "train/loss": loss,
             "train/mean_accuracy": train_acc,
-            "train/images_per_s": seen * session.world_size / seconds if seconds else 0.0,
+            "train/images_per_s": trained * session.world_size / seconds if seconds else 0.0,
             "val/mean_accuracy": result["mean_accuracy"],
             "val/exact_match": result["exact_match"],
             "val/mean_majority_baseline": result["mean_majority_baseline"],

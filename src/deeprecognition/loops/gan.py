@@ -196,13 +196,17 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     rank0 = session.rank == 0
     log = RunLog(session.run_dir, to_dict(cfg), start + 1, position="iteration") if rank0 else None
     evaluation = _Evaluation(cfg, session.device) if rank0 and cfg.schedule.eval_every else None
-    sched, total = cfg.schedule, cfg.optim.iterations
+    sched, total, every = cfg.schedule, cfg.optim.iterations, cfg.scale.preemption_check_every
     reals = real_batches(cfg, session.rank, session.world_size, session.device)
     metrics: dict[str, Any] = {}
     for iteration in range(start + 1, total + 1):
         metrics = {"iteration": iteration, "step": iteration, **gan_step(cfg, nets, next(reals).to(session.device, non_blocking=True), noise, iteration)}
         last = iteration == total
-        checkpoint_now = iteration % sched.checkpoint_every == 0 or last
+        # A drain notice (a collective: every rank checks at the same iterations) checkpoints at once.
+        preempted = bool(every) and iteration % every == 0 and session.preemption_pending()
+        checkpoint_now = iteration % sched.checkpoint_every == 0 or last or preempted
+        if preempted:
+            metrics["preemption_checkpoint"] = True
         eval_now = bool(sched.eval_every) and (iteration % sched.eval_every == 0 or last)
         if evaluation is not None and eval_now:
             metrics.update(_eval_scalars(evaluation(_painter(cfg, nets), cfg.model.latent, session.device)))

@@ -7,11 +7,13 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from deeprecognition import storage
 from deeprecognition.checkpoint import METRICS, load_state, write_checkpoint
 
 
@@ -23,6 +25,7 @@ class Session:
     under_ray: bool
     run_dir: str  # the run's folder (local mode: also its checkpoints)
     keep: int = 2  # local mode: checkpoints kept, the best by val/mean_accuracy, plus the latest
+    _noticed: Any = field(default=None, repr=False)  # the preemption notice already checkpointed for
 
     @classmethod
     def current(cls, run_dir: str, use_gpu: bool, keep: int) -> Session:
@@ -42,12 +45,29 @@ class Session:
             import ray.train
 
             checkpoint = ray.train.get_checkpoint()
-            if checkpoint is None:
-                return None
-            with checkpoint.as_directory() as folder:
-                return load_state(folder)
+            return None if checkpoint is None else restore(checkpoint)
         done = sorted(n for n in os.listdir(self.run_dir) if n.startswith("checkpoint_")) if os.path.isdir(self.run_dir) else []
         return load_state(os.path.join(self.run_dir, done[-1])) if done else None
+
+    def preemption_pending(self) -> bool:
+        """Whether a node of this run is being drained (a spot reclaim notice, SIGTERM to a `ray
+        start` node) and no checkpoint was written for that notice yet: the caller checkpoints now.
+
+        Under Ray a collective (`ray.train.get_preemption_info`, rank 0's view broadcast to all):
+        every rank calls it at the same steps. Outside Ray nothing can drain the process: False."""
+        if not self.under_ray:
+            return False
+        import ray.train
+
+        info = ray.train.get_preemption_info()
+        if info is None or info == self._noticed:
+            return False
+        self._noticed = info
+        if self.rank == 0:
+            left = f"{max(0.0, info.deadline_ms / 1000 - time.time()):.0f} s" if info.deadline_ms else "no deadline given"
+            print(f"preemption notice: node(s) {', '.join(n[:8] for n in info.preempted_node_ids)} (ranks {info.preempted_ranks}) "
+                  f"draining, {left} left; checkpointing now", flush=True)
+        return True
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None) -> None:
         """Every rank calls this; rank 0's state becomes the checkpoint (metrics logs: report.RunLog)."""
@@ -81,3 +101,15 @@ class Session:
                     scored.append((json.load(f).get("val/mean_accuracy", float("-inf")), name))
         for _, name in sorted(scored, reverse=True)[max(self.keep - 1, 0) :]:
             shutil.rmtree(os.path.join(self.run_dir, name))
+
+
+def restore(checkpoint: Any) -> dict[str, Any]:
+    """The state in a Ray Train checkpoint, downloaded whole from run storage and loaded as plain
+    data. pyarrow gives up on a download whose response is cut mid-body: the whole download is
+    retried here with backoff, each retry counted and logged."""
+
+    def download_and_load() -> dict[str, Any]:
+        with checkpoint.as_directory() as folder:
+            return load_state(folder)
+
+    return storage.retrying(f"restore {checkpoint.path}", download_and_load)

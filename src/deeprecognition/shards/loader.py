@@ -110,11 +110,16 @@ def read_shard(data: str, shard: ShardInfo) -> bytes | mmap.mmap:
 
     Bytes from S3 are hashed on every fetch; an unchanged local file once per process."""
     uri = storage.join(data, shard.name)
-    raw, stamp = storage.read_buffer(uri)
+    try:
+        raw, stamp = storage.read_buffer(uri)
+    except FileNotFoundError:
+        raise CorruptShardError(shard.name, f"missing: listed in {data}/manifest.json but not in the dataset folder") from None
     if stamp is not None and _VERIFIED.get(uri) == (stamp, shard.sha256):
         return raw
-    if len(raw) != shard.bytes or hashlib.sha256(raw).hexdigest() != shard.sha256:
-        raise CorruptShardError(shard.name, f"{len(raw)} bytes with a sha256 that does not match the manifest")
+    if len(raw) != shard.bytes:
+        raise CorruptShardError(shard.name, f"{len(raw)} bytes, the manifest says {shard.bytes} (truncated or replaced)")
+    if hashlib.sha256(raw).hexdigest() != shard.sha256:
+        raise CorruptShardError(shard.name, "its sha256 does not match the manifest (bytes changed since packing)")
     if stamp is not None:
         _VERIFIED[uri] = (stamp, shard.sha256)
     return raw

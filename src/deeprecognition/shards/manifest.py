@@ -7,6 +7,7 @@ checked on load, and a bad one is reported by its dotted name.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -19,6 +20,7 @@ VERSION = 1
 MANIFEST = "manifest.json"
 ENCODINGS = ("jpg", "png", "npy")
 RESIZE_MODES = ("squash", "center-crop")
+SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")  # what the packer names shards
 
 
 @dataclass(frozen=True)

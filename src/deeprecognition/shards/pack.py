@@ -8,10 +8,10 @@ are byte-deterministic, so the resumed dataset equals an uninterrupted one. The 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
-import re
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -22,14 +22,13 @@ from deeprecognition.celeba.attributes import SPLITS
 from deeprecognition.celeba.source import CelebASource, find_source, load_annotations, open_images
 from deeprecognition.errors import InputError
 from deeprecognition.shards.encode import ImageFormat, decode_source, encode_image, resize, sample_members
-from deeprecognition.shards.manifest import MANIFEST, ImageInfo, Manifest, ShardInfo, SplitInfo, read_manifest, write_manifest
+from deeprecognition.shards.manifest import MANIFEST, SHARD_NAME, ImageInfo, Manifest, ShardInfo, SplitInfo, read_manifest, write_manifest
 from deeprecognition.shards.plan import PackPlan, ShardPlan, make_plan
 from deeprecognition.shards.tario import tar_bytes
 
 log = logging.getLogger(__name__)
 
 RECORDS = "_pack"
-SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,6 +47,7 @@ class ShardResult:
     info: ShardInfo
     undecodable: list[str]
     kept: bool  # True when an earlier run's shard was verified and kept
+    retries: int = 0  # storage operations this task retried (each also logged where it ran)
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,7 @@ class PackReport:
     kept: int
     seconds: float
     up_to_date: bool = False
+    retries: int = 0  # storage operations retried by the shard tasks (connections reset or cut, throttling)
 
     @property
     def images_per_s(self) -> float:
@@ -103,6 +104,12 @@ def _kept_shard(dest: str, shard: ShardPlan, plan_id: str) -> ShardResult | None
 
 def ensure_shard(source: CelebASource, dest: str, shard: ShardPlan, options: PackOptions, plan_id: str) -> ShardResult:
     """Keep a verified shard from an earlier run, or build and write it (the shard, then its record)."""
+    retries_before = storage.retry_count()  # a Ray worker runs one task at a time
+    result = _ensure_shard(source, dest, shard, options, plan_id)
+    return dataclasses.replace(result, retries=storage.retry_count() - retries_before)
+
+
+def _ensure_shard(source: CelebASource, dest: str, shard: ShardPlan, options: PackOptions, plan_id: str) -> ShardResult:
     kept = _kept_shard(dest, shard, plan_id)
     if kept is not None:
         return kept
@@ -192,7 +199,7 @@ def _manifest(source: CelebASource, plan: PackPlan, options: PackOptions, result
 
 
 def pack(src: str, dest: str, options: PackOptions = PackOptions(), progress: bool = False) -> PackReport:
-    start = time.perf_counter()
+    start, retries_before = time.perf_counter(), storage.retry_count()
     source = find_source(src)
     annotations = load_annotations(source)
     with open_images(source) as images:
@@ -210,4 +217,5 @@ def pack(src: str, dest: str, options: PackOptions = PackOptions(), progress: bo
     write_manifest(dest, manifest)
     _remove_records(dest)
     kept = sum(r.kept for r in results)
-    return PackReport(dest=dest, manifest=manifest, built=len(results) - kept, kept=kept, seconds=time.perf_counter() - start)
+    retries = sum(r.retries for r in results) + storage.retry_count() - retries_before
+    return PackReport(dest=dest, manifest=manifest, built=len(results) - kept, kept=kept, seconds=time.perf_counter() - start, retries=retries)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import hashlib
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from deeprecognition import storage
 from deeprecognition.errors import CorruptShardError
 from deeprecognition.shards.loader import decode_image
-from deeprecognition.shards.manifest import Manifest, ShardInfo, read_manifest
+from deeprecognition.shards.manifest import SHARD_NAME, Manifest, ShardInfo, read_manifest
 from deeprecognition.shards.tario import iter_samples, read_npy
 
 
@@ -26,6 +26,8 @@ class VerifyReport:
     shards: int
     samples: int
     problems: list[ShardProblem]
+    unlisted: list[str] = field(default_factory=list)  # shard files the manifest does not list: never read
+    retries: int = 0  # storage operations retried (connections reset or cut), each also logged
 
     @property
     def ok(self) -> bool:
@@ -73,13 +75,17 @@ def verify_shard(dataset: str, shard: ShardInfo, manifest: Manifest) -> ShardPro
 
 
 def verify(dataset: str, num_workers: int = 4) -> VerifyReport:
+    retries_before = storage.retry_count()
     manifest = read_manifest(dataset)
     shards = [s for split in manifest.splits.values() for s in split.shards]
     # Threads suffice: hashing and JPEG decoding release the GIL.
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
         results = list(pool.map(lambda s: verify_shard(dataset, s, manifest), shards))
+    listed = {s.name for s in shards}
     return VerifyReport(
         shards=len(shards),
         samples=sum(s.samples for s in shards),
         problems=[r for r in results if r is not None],
+        unlisted=[n for n in storage.list_names(dataset) if SHARD_NAME.match(n) and n not in listed],
+        retries=storage.retry_count() - retries_before,
     )

@@ -4,6 +4,7 @@ accuracy vs. layers for cnn_layers; FID vs. each learning rate, latent size, ...
 from __future__ import annotations
 
 import io
+import math
 from collections import defaultdict
 
 from deeprecognition.sweep.results import FLOORS, SweepResult
@@ -31,10 +32,16 @@ def _panel(ax, result: SweepResult, field: SearchField) -> None:
     if floors:
         ax.axhline(sum(floors) / len(floors), color="grey", linestyle=":", label="majority floor")
     if field.dist.kind == "loguniform":
+        from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+        # Labels at 1, 2 and 5 per decade: learning-rate ranges often span less than one decade.
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.0e}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
     if not numeric:
         ax.set_xticks(range(len(categories)), categories)
-    elif field.dist.kind == "grid":
+    elif field.dist.kind in ("grid", "choice"):
         ax.set_xticks(sorted({x for x, _, _ in points}))
     ax.set_xlabel(field.short)
     ax.set_ylabel(result.metric)
@@ -47,9 +54,13 @@ def sweep_png(result: SweepResult, search: tuple[SearchField, ...]) -> bytes:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(search), figsize=(4.5 * len(search), 4), squeeze=False)
-    for ax, field in zip(axes[0], search):
+    cols = min(3, len(search))
+    rows = math.ceil(len(search) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.8 * rows), squeeze=False)
+    for ax, field in zip(axes.flat, search):
         _panel(ax, result, field)
+    for ax in list(axes.flat)[len(search):]:
+        ax.set_visible(False)
     if axes[0][0].get_legend_handles_labels()[0]:
         axes[0][0].legend(fontsize=8)
     fig.suptitle(f"{result.name}: {result.metric} ({result.mode}) by searched value")

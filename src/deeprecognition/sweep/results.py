@@ -8,13 +8,16 @@ import io
 import json
 import math
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
 from deeprecognition import storage
 from deeprecognition.config import GanConfig
 from deeprecognition.sweep.trial import TrialPlan, trial_config
+
+if TYPE_CHECKING:
+    from ray.tune.experiment import Trial
 
 # Tune's bookkeeping in every result; a row keeps the loop's own metrics and how far Tune counted.
 _TUNE_KEYS = {"done", "trial_id", "checkpoint_path", "config", "timestamp", "date", "pid", "hostname", "node_ip", "time_this_iter_s",
@@ -44,8 +47,8 @@ class SweepResult:
 
     @property
     def best(self) -> TrialRow | None:
-        ranked = [t for t in self.trials if self.metric in t.metrics and t.status in ("finished", "stopped")]
-        return ranked[0] if ranked else None
+        scored = [t for t in self.trials if self.metric in t.metrics and t.status in ("finished", "stopped")]
+        return scored[0] if scored else None
 
     @property
     def incomplete(self) -> list[TrialRow]:
@@ -57,16 +60,26 @@ class SweepResult:
                 "trials": [asdict(t) for t in self.trials], "best": asdict(best) if best else None}
 
 
-def trial_row(plan: TrialPlan, trial_id: str, values: dict[str, Any], result: dict[str, Any], error: bool) -> TrialRow:
-    """A trial's row from its searched values and last Tune result (`done` once it stopped or ended)."""
-    cfg = trial_config(plan, values, trial_id)
+def trial_row(plan: TrialPlan, trial: Trial, state: str) -> TrialRow:
+    """A Tune trial's row. `state`: ended (finished, or stopped early by the scheduler: told apart by
+    how far it trained), error, or unfinished (interrupted or never started: --resume runs it)."""
+    result = trial.last_result
+    cfg = trial_config(plan, trial.config, trial.trial_id)
     if isinstance(cfg, GanConfig):
         ran, target, unit = result.get("iteration", 0), cfg.optim.iterations, "iterations"
     else:
         ran, target, unit = result.get("epoch", -1) + 1, cfg.optim.epochs, "epochs"
-    status = "error" if error else "unfinished" if not result.get("done") else "finished" if ran >= target else "stopped"
+    status = state if state != "ended" else "finished" if ran >= target else "stopped"
     metrics = {k: v for k, v in result.items() if k not in _TUNE_KEYS}
-    return TrialRow(trial_id, dict(values), metrics, result.get("checkpoint_path"), status, f"{ran}/{target} {unit}")
+    return TrialRow(trial.trial_id, dict(trial.config), metrics, result.get("checkpoint_path"), status, f"{ran}/{target} {unit}")
+
+
+def trial_rows(plan: TrialPlan, path: str) -> list[TrialRow]:
+    """Every trial of the sweep at `path`, as Tune recorded it there."""
+    from ray.tune import ExperimentAnalysis
+
+    states = {"TERMINATED": "ended", "ERROR": "error"}
+    return [trial_row(plan, t, states.get(t.status, "unfinished")) for t in ExperimentAnalysis(path).trials]
 
 
 def ranked(rows: list[TrialRow], metric: str, mode: str) -> tuple[TrialRow, ...]:
@@ -120,7 +133,7 @@ class TrialLog(Callback):
         self.plan = plan
         self.uri = storage.join(path, "trials.jsonl")
 
-    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
-        row = trial_row(self.plan, trial.trial_id, trial.config, trial.last_result, error=False)
+    def on_trial_complete(self, iteration: int, trials: list[Trial], trial: Trial, **info) -> None:
+        row = trial_row(self.plan, trial, "ended")
         before = storage.read_bytes(self.uri) if storage.exists(self.uri) else b""
         storage.write_bytes_atomic(self.uri, before + (json.dumps(asdict(row)) + "\n").encode())

@@ -17,7 +17,7 @@ from deeprecognition import storage
 from deeprecognition.config import GAN_PRESETS, PRESETS, ClassifierConfig, GanConfig, apply_overrides, from_dict, to_dict
 
 KEYS = ("preset", "set", "search", "metric", "mode", "scheduler", "num_samples", "trial", "max_concurrent", "seed", "smoke")
-SMOKE_KEYS = ("set", "scheduler", "num_samples", "trial", "max_concurrent")
+SMOKE_KEYS = ("set", "search", "scheduler", "num_samples", "trial", "max_concurrent")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
 # Fields the sweep sets itself (from --data/--storage, the trial id and `trial:`), never the file.
 RESERVED = ("storage", "name", "data.data", "scale.num_workers", "scale.gpu")
@@ -26,6 +26,10 @@ METRICS = {
     "classifier": ("val/mean_accuracy", "val/exact_match", "train/loss", "train/mean_accuracy"),
     "gan": ("fid", "kid", "loss/d", "loss/g"),
 }
+
+
+def kind_of(cfg: ClassifierConfig | GanConfig) -> str:
+    return "gan" if isinstance(cfg, GanConfig) else "classifier"
 
 
 @dataclass(frozen=True)
@@ -76,7 +80,7 @@ class SweepSpec:
 
     @property
     def kind(self) -> str:
-        return "gan" if isinstance(self.base, GanConfig) else "classifier"
+        return kind_of(self.base)
 
     @property
     def stem(self) -> str:
@@ -87,7 +91,10 @@ class SweepSpec:
 def load_spec(path: str, smoke: bool = False, overrides: tuple[str, ...] = (), num_samples: int | None = None) -> SweepSpec:
     """Read and check a sweep file; `smoke` applies its `smoke:` section, `overrides` (FIELD=VALUE)
     go on top of its `set:`, `num_samples` replaces its own."""
-    raw = yaml.safe_load(storage.read_required(path, "a sweep file (tune_configs/*.yaml)"))
+    try:  # safe_load: a tag that would build a Python object is an error, never a call
+        raw = yaml.safe_load(storage.read_required(path, "a sweep file (tune_configs/*.yaml)"))
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not plain YAML data ({str(err).splitlines()[0]})") from None
     if not isinstance(raw, dict):
         raise ValueError(f"{path}: a sweep file is a mapping of {', '.join(KEYS)}")
     try:
@@ -126,7 +133,7 @@ def _with_smoke(raw: dict) -> dict:
 
 def _preset(name: Any) -> ClassifierConfig | GanConfig:
     presets = {**PRESETS, **GAN_PRESETS}
-    if name not in presets:
+    if not isinstance(name, str) or name not in presets:
         raise ValueError(f"preset must be one of {', '.join(presets)}, got {name!r}")
     return presets[name]()
 
@@ -186,7 +193,7 @@ def _search(base: Any, raw: Any) -> tuple[SearchField, ...]:
 
 
 def _metric(base: Any, metric: Any, mode: Any) -> None:
-    kind = "gan" if isinstance(base, GanConfig) else "classifier"
+    kind = kind_of(base)
     known = METRICS[kind] + (tuple(f"val/acc/{a}" for a in base.attributes()) if kind == "classifier" else ())
     if metric not in known:
         raise ValueError(f"metric must be one the {kind} loop reports: {', '.join(known)}; got {metric!r}")
@@ -216,13 +223,14 @@ def _whole(value: Any, key: str, minimum: int = 1) -> int:
 def _parse(path: str, raw: dict, overrides: tuple[str, ...], num_samples: int | None) -> SweepSpec:
     _known_keys(raw, KEYS, "the sweep file")
     settings = [f"{k}={v}" for k, v in _mapping(raw, "set").items()] + list(overrides)
-    _reserved([s.partition("=")[0].strip() for s in settings], "set and --set")
+    set_fields = [s.partition("=")[0].strip() for s in settings]
+    _reserved(set_fields, "set and --set")
     trial = from_dict(TrialResources, _mapping(raw, "trial"), prefix="trial.")
     if trial.workers < 1:
         raise ValueError(f"trial.workers must be at least 1, got {trial.workers}")
     base = apply_overrides(_preset(raw.get("preset")), settings + [f"scale.num_workers={trial.workers}", f"scale.gpu={trial.gpu}"]).validate()
     search = _search(base, raw.get("search"))
-    clash = sorted({f.field for f in search} & {s.partition("=")[0].strip() for s in settings})
+    clash = sorted({f.field for f in search} & set(set_fields))  # the search would silently win
     if clash:
         raise ValueError(f"{', '.join(clash)} both set and searched: keep one")
     _metric(base, raw.get("metric"), raw.get("mode"))

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ray.tune.integration.ray_train import CHECKPOINT_PATH_KEY, TuneReportCallback
 
 from deeprecognition.config import ClassifierConfig, GanConfig, apply_overrides, from_dict
+
+if TYPE_CHECKING:
+    from ray.train import Checkpoint
 
 CONFIG_TYPES = {"classifier": ClassifierConfig, "gan": GanConfig}
 
@@ -46,7 +49,7 @@ class MetricReports(TuneReportCallback):
         self.metric = metric
         self.latest: str | None = None
 
-    def after_report(self, run_context, metrics: list[dict[str, Any]], checkpoint) -> None:
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Checkpoint | None) -> None:
         if checkpoint is not None:
             fs = checkpoint.filesystem.type_name
             self.latest = checkpoint.path if fs == "local" else f"{fs}://{checkpoint.path}"

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,8 +21,8 @@ from deeprecognition.config import apply_overrides, to_dict
 from deeprecognition.launch import absolute_paths, check_before_workers, ray_storage_path
 from deeprecognition.raycluster import cluster_capacity, ensure_ray
 from deeprecognition.sweep.plot import sweep_png
-from deeprecognition.sweep.results import SweepResult, TrialLog, csv_bytes, ranked, trial_row
-from deeprecognition.sweep.spec import SweepSpec, TrialResources, load_spec
+from deeprecognition.sweep.results import SweepResult, TrialLog, csv_bytes, ranked, trial_rows
+from deeprecognition.sweep.spec import SweepSpec, load_spec
 from deeprecognition.sweep.trial import TrialPlan, run_trial
 
 RECORD = "sweep.json"
@@ -41,18 +40,19 @@ class SweepOptions:
     overrides: tuple[str, ...] = ()  # FIELD=VALUE on top of the file's set:
 
 
-def check_capacity(trial: TrialResources) -> None:
+def check_capacity(spec: SweepSpec) -> None:
     """Refuse a trial that this cluster can never place (Tune would wait for it forever)."""
     from ray.train import ScalingConfig
 
-    need = Counter({"CPU": 1.0})  # the trial's driver: a Tune function trainable holds one CPU
-    need.update(ScalingConfig(num_workers=trial.workers, use_gpu=trial.gpu).total_resources)
+    trial = spec.trial
+    need = ScalingConfig(num_workers=trial.workers, use_gpu=trial.gpu).total_resources  # the driver holds none
     capacity = cluster_capacity()
     short = {k: v for k, v in need.items() if v > capacity.get(k, 0)}
     if short:
         wants = ", ".join(f"{v:g} {k}" for k, v in need.items())
         has = ", ".join(f"{capacity.get(k, 0):g} {k}" for k in short)
-        raise ValueError(f"one trial needs {wants} (its driver and {trial.workers} worker(s)), but this Ray cluster can hold at most {has}: lower trial.workers or trial.gpu, or use a bigger cluster")
+        raise ValueError(f"{spec.file}: one trial needs {wants} for its {trial.workers} worker(s), but this Ray cluster can hold at most {has}: "
+                         "lower trial.workers, set trial.gpu: false, or use a bigger cluster")
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
@@ -78,12 +78,12 @@ def _record(spec: SweepSpec) -> dict[str, Any]:
 
 
 def _fresh(spec: SweepSpec, root: str, name: str, trainable, plan: TrialPlan) -> tune.Tuner:
+    from ray.tune.search.basic_variant import BasicVariantGenerator
+
     path = storage.join(root, name)
     if tune.Tuner.can_restore(path):
         raise ValueError(f"a sweep already exists at {path}: add --resume to continue it, or --name for a new one")
     storage.write_bytes_atomic(storage.join(path, RECORD), json.dumps(_record(spec), indent=1).encode())
-    from ray.tune.search.basic_variant import BasicVariantGenerator
-
     return tune.Tuner(
         trainable,
         param_space=param_space(spec),
@@ -107,21 +107,25 @@ def _resumed(spec: SweepSpec, path: str, trainable) -> tune.Tuner:
 
 
 def run_sweep(options: SweepOptions) -> SweepResult:
+    """Check everything, run (or resume) the sweep to its end or an interruption, write results.csv
+    and results.png beside it, and return its trials, best first."""
     spec = load_spec(options.file, smoke=options.smoke, overrides=options.overrides, num_samples=options.num_samples)
     base = absolute_paths(apply_overrides(spec.base, [f"data.data={options.data}"]))
     spec = dataclasses.replace(spec, base=base)
     check_before_workers(base)
-    ensure_ray()
-    check_capacity(spec.trial)
+    ensure_ray(dashboard=True)
+    check_capacity(spec)
     name = options.name or spec.stem + ("-smoke" if options.smoke else "")
     root = ray_storage_path(options.storage)
     path = storage.join(root, name)
     plan = TrialPlan(kind=spec.kind, base=to_dict(base), fields={f.short: f.field for f in spec.search}, metric=spec.metric, runs=storage.join(path, "trials"))
-    trainable = tune.with_parameters(run_trial, plan=plan)
+    # The trial's driver only waits on its Train run: it holds no CPU (Tune's default is one), so a
+    # trial takes what its workers take and max_concurrent alone decides how many run. Tune wants a
+    # non-empty request: one byte of memory.
+    trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"cpu": 0, "memory": 1})
     tuner = _resumed(spec, path, trainable) if options.resume else _fresh(spec, root, name, trainable, plan)
-    grid = tuner.fit()
-    rows = [trial_row(plan, r.metrics["trial_id"], r.config, r.metrics, error=r.error is not None) for r in grid]
-    result = SweepResult(name, path, spec.metric, spec.mode, ranked(rows, spec.metric, spec.mode))
+    tuner.fit()  # returns early, state saved, on Ctrl+C (SIGINT) or SIGUSR1: --resume continues
+    result = SweepResult(name, path, spec.metric, spec.mode, ranked(trial_rows(plan, path), spec.metric, spec.mode))
     storage.write_bytes_atomic(storage.join(path, "results.csv"), csv_bytes(result))
     storage.write_bytes_atomic(storage.join(path, "results.png"), sweep_png(result, spec.search))
     return result

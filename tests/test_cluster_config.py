@@ -1,0 +1,163 @@
+"""The cluster's files, checked without a cloud or a Docker engine: cluster/aws.yaml through Ray's own
+validation plus the rules Ray does not check, the KubeRay RayJob's shape, the Dockerfile through
+hadolint and against pyproject.toml, and every `deeprec` command the cluster docs show through the
+CLI's own parser."""
+
+from __future__ import annotations
+
+import copy
+import os
+import re
+import shlex
+import subprocess
+import sys
+import tomllib
+
+import pytest
+import ray
+import yaml
+from packaging.specifiers import SpecifierSet
+
+from deeprecognition.cli import _parser
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read(path: str) -> str:
+    with open(os.path.join(REPO, path)) as f:
+        return f.read()
+
+
+PYPROJECT = tomllib.loads(read("pyproject.toml"))
+AWS = yaml.safe_load(read("cluster/aws.yaml"))
+RAYJOB = yaml.safe_load(read("cluster/kuberay-rayjob.yaml"))
+DOCKERFILE = read("Dockerfile")
+# Credentials that must never be written into a config, an image or a job.
+SECRETS = re.compile(r"AKIA[0-9A-Z]{16}|aws_secret_access_key|AWS_SECRET|AWS_ACCESS_KEY|AWS_SESSION_TOKEN|RAY_AUTH_TOKEN|PASSWORD", re.I)
+
+
+def base_image() -> tuple[str, str]:
+    """(Ray version, "py311") of the Dockerfile's base, which every stage must share."""
+    bases = set(re.findall(r"^FROM\s+(\S+)", DOCKERFILE, re.M))
+    assert len(bases) == 1, f"every stage must start from the same base: {bases}"
+    match = re.fullmatch(r"rayproject/ray:(\d+\.\d+\.\d+)-(py3\d+)-gpu", bases.pop())
+    assert match, "the base must be a Ray GPU image, rayproject/ray:VERSION-pyXY-gpu"
+    return match.group(1), match.group(2)
+
+
+def project_image() -> str:
+    """The image name the Makefile builds: REGISTRY/deeprecognition:VERSION-rayRAY-pyXY-gpu."""
+    return re.search(r"^IMAGE \?= (\S+)$", read("Makefile"), re.M).group(1)
+
+
+def test_dockerfile_base_agrees_with_pyproject_and_the_tested_ray():
+    ray_version, py = base_image()
+    [ray_pin] = [d for d in PYPROJECT["project"]["dependencies"] if d.startswith("ray[")]
+    assert ray_version in SpecifierSet(ray_pin.split("]", 1)[1]) and ray_version == ray.__version__
+    assert f"{py[2]}.{py[3:]}" in SpecifierSet(PYPROJECT["project"]["requires-python"])
+    assert f"py3{sys.version_info.minor}" == py, "the image's Python is the one the tests run on"
+    assert project_image().endswith(f":{PYPROJECT['project']['version']}-ray{ray_version}-{py}-gpu")
+
+
+def test_dockerfile_installs_this_package_as_a_non_root_user_without_credentials():
+    users = re.findall(r"^USER\s+(\S+)", DOCKERFILE, re.M)
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    assert not SECRETS.search(DOCKERFILE)
+    assert not re.search(r"^(ENV|ARG)\s+\S*(KEY|TOKEN|SECRET)", DOCKERFILE, re.M | re.I)
+    # The dependencies are pyproject.toml's own list (no second copy of the pins to drift), and
+    # the package is a wheel built from this repository.
+    assert "tomllib.load(open('/tmp/pyproject.toml'" in DOCKERFILE and "pip install --no-cache-dir -r /tmp/requirements.txt" in DOCKERFILE
+    assert "pip wheel --no-cache-dir --no-deps" in DOCKERFILE and "deeprecognition-*.whl" in DOCKERFILE
+
+
+def test_dockerfile_passes_hadolint():
+    hadolint = os.path.join(os.path.dirname(sys.executable), "hadolint")
+    assert os.path.exists(hadolint), "hadolint comes with the test extras: make install"
+    done = subprocess.run([hadolint, "--failure-threshold", "info", "Dockerfile"], cwd=REPO, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_the_build_context_holds_what_the_dockerfile_copies_and_nothing_else():
+    ignore = [line for line in read(".dockerignore").splitlines() if line and not line.startswith("#")]
+    assert ignore[0] == "*"  # an allowlist: no .venv, shards or .git in the context
+    allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
+    copied = {src for line in re.findall(r"^COPY (?!--from)(.+)$", DOCKERFILE, re.M) for src in line.split()[:-1] if not src.startswith("--")}
+    assert copied <= allowed, copied - allowed
+
+
+def test_aws_yaml_passes_rays_own_validation():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    prepared = prepare_config(copy.deepcopy(AWS))  # what `ray up` does before it calls AWS
+    validate_config(prepared)
+    assert prepared["setup_commands"] == [] and prepared["docker"]["image"] == project_image()
+
+
+def test_aws_node_types_follow_the_rules_ray_does_not_check():
+    types = AWS["available_node_types"]
+    head = types[AWS["head_node_type"]]
+    assert head["resources"].get("GPU", 0) == 0 and "InstanceMarketOptions" not in head["node_config"]  # a CPU head, on demand
+    for name, node in types.items():
+        assert all(isinstance(v, int) for v in node["resources"].values()), name
+        assert re.fullmatch(r"ami-[0-9a-f]{17}", node["node_config"]["ImageId"]), f"{name}: name a current GPU AMI"
+        assert node["node_config"]["IamInstanceProfile"]["Name"] in read("cluster/aws-iam.sh"), f"{name}: an instance profile for S3"
+    workers = {name: node for name, node in types.items() if node is not head}
+    gpu = {name: node for name, node in workers.items() if node["resources"].get("GPU")}
+    assert {node["resources"]["GPU"] for node in gpu.values()} == {1, 8}
+    assert all(node["min_workers"] == 0 for node in workers.values())  # nothing runs, nothing is paid
+    for name, node in workers.items():
+        if node["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot":
+            gpus = node["resources"].get("GPU", 0)
+            fallback = [n for n, other in workers.items() if other["resources"].get("GPU", 0) == gpus and "InstanceMarketOptions" not in other["node_config"]]
+            assert fallback and all(workers[n]["priority"] < node["priority"] for n in fallback), f"{name}: an on-demand fallback"
+    assert AWS["idle_timeout_minutes"] > 0 and AWS["provider"]["cache_stopped_nodes"] is False
+    assert not SECRETS.search(read("cluster/aws.yaml"))
+
+
+def test_the_one_time_iam_script_is_valid_bash():
+    assert subprocess.run(["bash", "-n", os.path.join(REPO, "cluster/aws-iam.sh")]).returncode == 0
+
+
+def test_kuberay_rayjob_runs_the_same_image_and_a_deeprec_entrypoint():
+    assert RAYJOB["apiVersion"] == "ray.io/v1" and RAYJOB["kind"] == "RayJob"
+    spec = RAYJOB["spec"]
+    cluster = spec["rayClusterSpec"]
+    assert cluster["rayVersion"] == base_image()[0] and spec["shutdownAfterJobFinishes"] is True
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    assert {c["image"] for pod in pods for c in pod["containers"]} == {project_image()}
+    assert all(pod["securityContext"]["runAsNonRoot"] and pod["serviceAccountName"] for pod in pods)
+    [gpu] = [g for g in cluster["workerGroupSpecs"] if g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")]
+    assert gpu["minReplicas"] == 0 and cluster["enableInTreeAutoscaling"] is True
+    assert not SECRETS.search(read("cluster/kuberay-rayjob.yaml"))
+    assert_parses(shlex.split(spec["entrypoint"]))
+
+
+def deeprec_commands(markdown: str) -> list[list[str]]:
+    """The arguments of every `deeprec ...` and `python -m deeprecognition ...` in a document's
+    bash blocks, continuation lines joined."""
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", markdown, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            words = shlex.split(line, comments=True)
+            for i, word in enumerate(words):
+                if word == "deeprec" or (word == "deeprecognition" and words[i - 1] == "-m"):
+                    commands.append(words[i + 1 :])
+                    break
+    return commands
+
+
+def assert_parses(words: list[str]) -> None:
+    if words[:3] == ["python", "-m", "deeprecognition"]:
+        words = words[3:]
+    try:
+        _parser().parse_args(words)
+    except SystemExit:
+        pytest.fail(f"not a valid deeprec command: {' '.join(words)}")
+
+
+@pytest.mark.parametrize("doc", ["cluster/README.md", "README.md"])
+def test_every_deeprec_command_in_the_docs_parses(doc):
+    commands = deeprec_commands(read(doc))
+    assert commands
+    for words in commands:
+        assert_parses(words)
