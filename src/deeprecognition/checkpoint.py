@@ -96,13 +96,18 @@ def best_checkpoint(uri: str, metric: str = "val/mean_accuracy") -> str:
     """A checkpoint folder as given, or a run folder's checkpoint with the best metric."""
     if storage.exists(storage.join(uri, STATE)):
         return uri
-    scored = []
+    scored, skipped = [], []
     for name in storage.list_folders(uri):
         folder = storage.join(uri, name)
         if name.startswith("checkpoint_") and storage.exists(storage.join(folder, METRICS)):
-            if incomplete_reason(storage.list_sizes(folder), read_checksums(folder)) is None:  # never half an upload
+            why = incomplete_reason(storage.list_sizes(folder), read_checksums(folder))
+            if why is None:  # never half an upload
                 scored.append((json.loads(storage.read_bytes(storage.join(folder, METRICS))).get(metric, float("-inf")), name))
+            else:
+                skipped.append(f"{name}: {why}")
     if not scored:
+        if skipped:
+            raise InputError(uri, f"has no complete checkpoint ({'; '.join(skipped[:3])}): give a checkpoint folder, or a run with a finished one")
         raise InputError(uri, "holds neither state.pt nor checkpoint_* folders: give a checkpoint or a run folder")
     return storage.join(uri, max(scored)[1])
 
