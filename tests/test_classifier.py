@@ -116,13 +116,12 @@ def _train_worker_pids() -> set[int]:
     return {a.pid for a in alive}
 
 
-def test_a_killed_worker_is_replaced_and_the_run_finishes_from_its_checkpoint(faces64, tmp_path):
-    epochs, steps = 6, 5
-    cfg = config(faces64, str(tmp_path), "name=killed", f"optim.epochs={epochs}", f"optim.steps_per_epoch={steps}", "scale.num_workers=2", "scale.max_failures=1")
+def fit_killing_a_worker(cfg, run_dir):
+    """Fit on Ray in a thread, SIGKILL one training worker once the run's first checkpoint is
+    written, wait for the end; returns (Ray's Result, the killed pid)."""
     outcome: dict = {}
     fit = threading.Thread(target=lambda: outcome.update(result=run(cfg)))
     fit.start()
-    run_dir = tmp_path / "killed"
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and not (run_dir.exists() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())):
         time.sleep(0.05)
@@ -130,12 +129,18 @@ def test_a_killed_worker_is_replaced_and_the_run_finishes_from_its_checkpoint(fa
     assert victims, "no training worker alive after the first checkpoint"
     os.kill(min(victims), signal.SIGKILL)
     fit.join(timeout=400)
-    result = outcome["result"]
+    return outcome["result"], min(victims)
+
+
+def test_a_killed_worker_is_replaced_and_the_run_finishes_from_its_checkpoint(faces64, tmp_path):
+    epochs, steps = 6, 5
+    cfg = config(faces64, str(tmp_path), "name=killed", f"optim.epochs={epochs}", f"optim.steps_per_epoch={steps}", "scale.num_workers=2", "scale.max_failures=1")
+    result, victim = fit_killing_a_worker(cfg, tmp_path / "killed")
     assert result.error is None
     # Counters continue from the checkpoint instead of restarting: exactly `epochs` epochs of `steps`.
     assert result.metrics["epoch"] == epochs - 1
     assert result.metrics["step"] == epochs * steps
-    assert min(victims) not in _train_worker_pids()
+    assert victim not in _train_worker_pids()
 
 
 def test_cli_reports_a_failed_run_in_one_line(faces64, tmp_path, capsys):

@@ -42,6 +42,7 @@ from deeprecognition.shards.manifest import read_manifest
 from deeprecognition.shards.pack import pack
 
 from .conftest import BUCKET, TEST_PACK
+from .damage import flip_byte, truncate
 from .faultproxy import FaultProxy
 from .rayhead import _session_members
 from .test_sweep import GOOD
@@ -122,13 +123,8 @@ def test_flipped_truncated_missing_and_dangling_shards_are_named_by_loader_and_v
     manifest = read_manifest(data)
     flipped, dangling = manifest.splits["train"].shards[0].name, manifest.splits["train"].shards[1].name
     truncated, missing = manifest.splits["val"].shards[0].name, manifest.splits["test"].shards[0].name
-    with open(os.path.join(data, flipped), "r+b") as f:
-        f.seek(4000)
-        byte = f.read(1)
-        f.seek(4000)
-        f.write(bytes([byte[0] ^ 0x55]))
-    with open(os.path.join(data, truncated), "r+b") as f:
-        f.truncate(3000)
+    flip_byte(os.path.join(data, flipped), 4000)
+    truncate(os.path.join(data, truncated), 3000)
     os.remove(os.path.join(data, missing))
     os.rename(os.path.join(data, dangling), os.path.join(data, "train-000777.tar"))  # the manifest points to a name that is not there
     expected = {
@@ -156,8 +152,7 @@ def test_training_stops_with_the_shards_name_and_writes_no_checkpoint_past_it(pa
     data = str(tmp_path / "ds")
     shutil.copytree(packed.dest, data)
     bad = read_manifest(data).splits["val"].shards[-1].name
-    with open(os.path.join(data, bad), "r+b") as f:
-        f.truncate(2048)
+    truncate(os.path.join(data, bad), 2048)
     cfg = apply_overrides(ClassifierConfig(), [f"storage={tmp_path / 'runs'}", "name=stops", f"data.data={data}", "data.task=Male",
                                                "data.batch_size=16", "data.loader_workers=0", "optim.steps_per_epoch=2"])
     with pytest.raises(CorruptShardError, match=f"shard {bad}: 2048 bytes"):
@@ -216,8 +211,7 @@ def test_kill_9_during_a_checkpoint_upload_leaves_nothing_taken_for_a_checkpoint
     local = tmp_path / "local-run"
     shutil.copytree(tmp_path / "ok", local / "checkpoint_000000")
     shutil.copytree(tmp_path / "killed", local / "checkpoint_000001")
-    with open(local / "checkpoint_000001" / "state.pt", "r+b") as f:
-        f.truncate(1_000_000)
+    truncate(str(local / "checkpoint_000001" / "state.pt"), 1_000_000)
     assert "checkpoint_000001" in dict(list_runs(str(local))[0].incomplete)
     with pytest.raises(InputError, match="do not match its checksums.json"):
         load_state(str(local / "checkpoint_000001"))

@@ -7,9 +7,6 @@ import io
 import json
 import os
 import pickle
-import signal
-import threading
-import time
 
 import pytest
 import torch
@@ -29,7 +26,7 @@ from deeprecognition.shards.loader import LoaderConfig, make_loader
 from deeprecognition.trained import TrainedClassifier
 
 from .conftest import BUCKET
-from .test_classifier import _train_worker_pids, faces64  # noqa: F401  (the 64 px synthetic dataset fixture)
+from .test_classifier import _train_worker_pids, faces64, fit_killing_a_worker  # noqa: F401  (the 64 px synthetic dataset fixture)
 
 
 def gan_config(data: str, storage_uri: str, iterations: int, *overrides: str):
@@ -191,23 +188,13 @@ def test_a_killed_gan_worker_is_replaced_and_the_run_finishes_at_its_iteration(f
     iterations = 40
     cfg = gan_config(faces64, str(tmp_path), iterations, "name=killed", "scale.num_workers=2", "scale.max_failures=1",
                      "schedule.checkpoint_every=5", "schedule.mosaic_every=10")
-    outcome: dict = {}
-    fit = threading.Thread(target=lambda: outcome.update(result=run(cfg)))
-    fit.start()
     run_dir = tmp_path / "killed"
-    deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not (run_dir.exists() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())):
-        time.sleep(0.05)
-    victims = _train_worker_pids()
-    assert victims, "no training worker alive after the first checkpoint"
-    os.kill(min(victims), signal.SIGKILL)
-    fit.join(timeout=400)
-    result = outcome["result"]
+    result, victim = fit_killing_a_worker(cfg, run_dir)
     assert result.error is None
     assert result.metrics["iteration"] == iterations and result.metrics["ranks_in_sync"] is True
     # Every iteration logged exactly once: the lost ones were trained again from the checkpoint.
     assert [json.loads(line)["iteration"] for line in open(run_dir / "metrics.jsonl")] == list(range(1, iterations + 1))
-    assert min(victims) not in _train_worker_pids()
+    assert victim not in _train_worker_pids()
 
 
 def _sync_probe(rank: int, init_file: str, perturb: bool, out: str) -> None:

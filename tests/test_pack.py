@@ -29,6 +29,7 @@ from deeprecognition.shards.tario import iter_samples, read_npy
 from deeprecognition.shards.verify import verify
 
 from .conftest import BUCKET, SYNTH_N, TEST_PACK
+from .damage import flip_byte, truncate
 
 
 def read_dataset(dataset: str) -> dict[str, tuple[str, np.ndarray, torch.Tensor, dict]]:
@@ -177,13 +178,8 @@ def test_verify_names_flipped_truncated_and_missing_shards(packed, tmp_path):
     assert verify(dest).ok
     shards = [s.name for sp in packed.manifest.splits.values() for s in sp.shards]
     flipped, truncated, missing = shards[0], shards[1], shards[-1]
-    with open(os.path.join(dest, flipped), "r+b") as f:
-        f.seek(5000)
-        byte = f.read(1)
-        f.seek(5000)
-        f.write(bytes([byte[0] ^ 0xFF]))
-    with open(os.path.join(dest, truncated), "r+b") as f:
-        f.truncate(4096)
+    flip_byte(os.path.join(dest, flipped), 5000)
+    truncate(os.path.join(dest, truncated), 4096)
     os.remove(os.path.join(dest, missing))
     report = verify(dest)
     problems = {p.shard: p.problem for p in report.problems}
