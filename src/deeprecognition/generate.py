@@ -58,6 +58,14 @@ def contact_sheet_png(mosaics: dict[int, bytes], tile_size: int = 256) -> bytes:
     return grid_png(torch.stack(tiles), [f"iter {it}" for it in sorted(mosaics)])
 
 
+@torch.no_grad()
+def draw_faces(generator: nn.Module, latent: int, n: int, seed: int, batch_size: int = 250) -> Tensor:
+    """(n, 3, S, S) uint8 faces from seeded latents: the same seed gives the same faces."""
+    latents = torch.randn(n, latent, generator=torch.Generator().manual_seed(seed))
+    device = next(generator.parameters()).device
+    return torch.cat([to_uint8(generator(z.to(device)).float()).cpu() for z in latents.split(batch_size)])
+
+
 @dataclass
 class TrainedGan:
     generator: nn.Module  # in eval mode
@@ -80,12 +88,8 @@ class TrainedGan:
         generator.load_state_dict(state["ema" if (draws_with_ema(cfg.model.arch) if ema is None else ema) else "G"])
         return cls(generator.to(device).eval(), cfg, state["iteration"], state["image_size"], folder, state["fixed_latents"])
 
-    @torch.no_grad()
-    def faces(self, n: int, seed: int = 0, batch_size: int = 250) -> Tensor:
-        """(n, 3, S, S) uint8 faces from seeded latents: the same seed gives the same faces."""
-        latents = torch.randn(n, self.config.model.latent, generator=torch.Generator().manual_seed(seed))
-        device = next(self.generator.parameters()).device
-        return torch.cat([to_uint8(self.generator(z.to(device)).float()).cpu() for z in latents.split(batch_size)])
+    def faces(self, n: int, seed: int = 0) -> Tensor:
+        return draw_faces(self.generator, self.config.model.latent, n, seed)
 
 
 def generate_grid(checkpoint: str, out: str, n: int = 36, seed: int = 0, ema: bool | None = None) -> TrainedGan:

@@ -17,7 +17,7 @@ from torch import nn
 from deeprecognition import storage
 from deeprecognition.checkpoint import restore_rng, rng_state
 from deeprecognition.config import GanConfig, from_dict, to_dict
-from deeprecognition.generate import contact_sheet_png, evenly_spaced, grid_png
+from deeprecognition.generate import contact_sheet_png, draw_faces, evenly_spaced, grid_png
 from deeprecognition.loops.gan_data import real_batches, reference_faces
 from deeprecognition.loops.session import Session
 from deeprecognition.models.gan import build_gan, d_loss, draws_with_ema, ema_copy, ema_decay_at, g_loss, to_tanh_range, to_uint8, update_ema
@@ -152,12 +152,9 @@ class _Evaluation:
         self.samples = cfg.eval.samples
         print(f"evaluating every {cfg.schedule.eval_every} iterations on {len(real.keys)} real faces; features: {extractor.name}", flush=True)
 
-    def __call__(self, painter: nn.Module, latent: int, device: torch.device) -> dict[str, Any]:
-        with torch.random.fork_rng(devices=[]), torch.no_grad():  # KID's subsets must not move the training RNG
-            z = torch.randn(self.samples, latent, generator=torch.Generator().manual_seed(EVAL_SEED))
-            fake = torch.cat([to_uint8(painter(chunk.to(device)).float()).cpu() for chunk in z.split(250)])
-            result = self.evaluator(fake)
-        return result
+    def __call__(self, painter: nn.Module, latent: int) -> dict[str, Any]:
+        with torch.random.fork_rng(devices=[]):  # KID's subsets must not move the training RNG
+            return self.evaluator(draw_faces(painter, latent, self.samples, EVAL_SEED))
 
 
 def _eval_scalars(result: dict[str, Any]) -> dict[str, float]:
@@ -209,7 +206,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics["preemption_checkpoint"] = True
         eval_now = bool(sched.eval_every) and (iteration % sched.eval_every == 0 or last)
         if evaluation is not None and eval_now:
-            metrics.update(_eval_scalars(evaluation(_painter(cfg, nets), cfg.model.latent, session.device)))
+            metrics.update(_eval_scalars(evaluation(_painter(cfg, nets), cfg.model.latent)))
         if rank0 and (iteration % sched.mosaic_every == 0 or last):
             with torch.no_grad():
                 faces = to_uint8(_painter(cfg, nets)(fixed.to(session.device)).float())
