@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import io
 import os
+import struct
 import zipfile
+from pathlib import Path
 
+import boto3
 import numpy as np
 from PIL import Image
 
@@ -66,14 +69,39 @@ def write_folder(folder: str, jpegs: dict[str, bytes]) -> None:
         write_file(os.path.join(folder, name), data)
 
 
-def write_zip(path: str, jpegs: dict[str, bytes], prefix: str = "img_align_celeba/") -> None:
-    """A zip like the official img_align_celeba.zip: a folder entry, then one member per image."""
+# An extended-timestamp field with mtime and atime, as Info-ZIP's zip writes in each local header
+# (its central directory keeps the mtime only): local and central extra lengths differ.
+INFO_ZIP_LOCAL_EXTRA = struct.pack("<HHBii", 0x5455, 9, 3, 1_262_304_000, 1_262_304_000)
+
+
+def write_zip(path: str, jpegs: dict[str, bytes], prefix: str = "img_align_celeba/", compression: int = zipfile.ZIP_STORED, local_extra: bytes = b"") -> None:
+    """A zip like the official img_align_celeba.zip: a folder entry, then one member per image.
+
+    local_extra: extra fields written in each local header only, not in the central directory."""
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    with zipfile.ZipFile(path, "w") as archive:
+    with zipfile.ZipFile(path, "w", compression=compression) as archive:
         if prefix:
             archive.writestr(prefix, b"")
         for name, data in jpegs.items():
-            archive.writestr(prefix + name, data)
+            info = zipfile.ZipInfo(prefix + name, date_time=(2010, 1, 1, 0, 0, 0))
+            info.compress_type, info.extra = compression, local_extra
+            archive.writestr(info, data)
+        for info in archive.infolist():  # the central directory is written at close, from these
+            info.extra = b""
+
+
+def read_folder(folder: str) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(Path(folder).iterdir())}
+
+
+def upload_folder(root: str, uri: str, endpoint_url: str) -> None:
+    """Every file under the local folder root to s3://bucket/prefix, keys relative to root."""
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    client = boto3.client("s3", endpoint_url=endpoint_url)
+    for folder, _, names in os.walk(root):
+        for name in names:
+            key = os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/")
+            client.upload_file(os.path.join(folder, name), bucket, f"{prefix}/{key}" if prefix else key)
 
 
 def write_layout(root: str, case: str, ann: Annotations, jpegs: dict[str, bytes]) -> Annotations:

@@ -10,6 +10,7 @@
 - `stall_request_after` / `stall_response_after`: every connection stops forwarding after that many
   bytes of the request (an upload) or of the reply (a download) and hangs, so that a test can kill
   -9 a process in the middle of a transfer.
+- `bytes_to_client` counts the bytes forwarded from the server to the client: what a reader fetched.
 """
 
 from __future__ import annotations
@@ -36,10 +37,17 @@ class FaultProxy:
         self.cuts = 0
         self.throttled = 0
         self.stalls = 0
+        self.bytes_to_client = 0
         self._random = random.Random(seed) if seed is not None else None
         self._lock = threading.Lock()
         self._listener = socket.create_server(("127.0.0.1", 0))
         self._closed = threading.Event()
+
+    @classmethod
+    def before(cls, server_url: str, **faults) -> FaultProxy:
+        """A started proxy in front of the server at http://host:port."""
+        host, port = server_url.removeprefix("http://").split(":")
+        return cls((host, int(port)), **faults).start()
 
     @property
     def url(self) -> str:
@@ -67,34 +75,40 @@ class FaultProxy:
                 continue
             server = socket.create_connection(self.upstream)
             threading.Thread(target=self._pump, args=(client, server, None, self.stall_request_after), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, self.cut_after if cut else None, self.stall_response_after), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, self.cut_after if cut else None, self.stall_response_after, True), daemon=True).start()
 
     def _hits(self, every: int) -> bool:
         if every <= 0:
             return False
         return self._random.random() < 1 / every if self._random else self.connections % every == 0
 
-    def _pump(self, src: socket.socket, dst: socket.socket, limit: int | None, stall: int | None = None) -> None:
+    def _pump(self, src: socket.socket, dst: socket.socket, limit: int | None, stall: int | None = None, to_client: bool = False) -> None:
         sent = 0
         try:
             while chunk := src.recv(65536):
                 if stall is not None and sent + len(chunk) > stall:
-                    dst.sendall(chunk[: max(0, stall - sent)])
+                    self._forward(dst, chunk[: max(0, stall - sent)], to_client)
                     with self._lock:
                         self.stalls += 1
                     self._closed.wait()  # hang mid-transfer until the proxy stops
                     break
                 if limit is not None and sent + len(chunk) > limit:
-                    dst.sendall(chunk[: max(0, limit - sent)])
+                    self._forward(dst, chunk[: max(0, limit - sent)], to_client)
                     with self._lock:
                         self.cuts += 1
                     break
-                dst.sendall(chunk)
+                self._forward(dst, chunk, to_client)
                 sent += len(chunk)
         except OSError:
             pass
         for s in (src, dst):
             _reset(s)
+
+    def _forward(self, dst: socket.socket, data: bytes, to_client: bool) -> None:
+        dst.sendall(data)
+        if to_client:
+            with self._lock:
+                self.bytes_to_client += len(data)
 
     def _slow_down(self, client: socket.socket) -> None:
         """Read one request, answer 503 SlowDown and close, as a throttling S3 does (before the body

@@ -3,6 +3,9 @@ corruption, and S3 through a proxy that cuts connections mid-response."""
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
 import math
 import os
 import shutil
@@ -15,8 +18,10 @@ import torch
 from deeprecognition import storage
 from deeprecognition.celeba.attributes import ATTRIBUTE_INDEX
 from deeprecognition.celeba.source import find_source, load_annotations
-from deeprecognition.errors import CorruptShardError
+from deeprecognition.errors import CorruptShardError, InputError
 from deeprecognition.shards.loader import LoaderConfig, ShardStream, make_loader, parse_where
+from deeprecognition.shards.sampling import SplitIndex, epoch_order, resampled_rows, slot_rows
+from deeprecognition.shards.verify import verify
 from deeprecognition.shards.pack import pack
 
 from .conftest import BUCKET, TEST_PACK
@@ -45,17 +50,62 @@ def test_evaluation_sees_every_sample_once_across_ranks_and_workers(packed, ann)
     assert set(seen.values()) == {1}
 
 
-def test_training_epoch_is_exact_and_equal_on_every_rank(packed, ann):
-    config = LoaderConfig(data=packed.dest, split="train", batch_size=16, num_workers=2, shuffle_buffer=50)
-    train_n = len(split_keys(ann, 0))
+def epoch_keys(config: LoaderConfig, ranks: int, epoch: int = 0) -> list[list[str]]:
+    """Every rank's keys of one training epoch, each rank through its own DataLoader workers."""
     per_rank = []
+    for rank in range(ranks):
+        loader = make_loader(config, rank=rank, world_size=ranks)
+        loader.dataset.set_epoch(epoch)
+        batches = list(loader)
+        assert len(batches) == len(loader.dataset)  # the step count DDP plans with
+        per_rank.append([k for b in batches for k in b.keys])
+    return per_rank
+
+
+@pytest.mark.parametrize("ranks, workers", [(2, 2), (3, 2), (1, 0)])
+def test_a_training_epoch_sees_every_image_once_with_equal_steps_on_every_rank(packed, ann, ranks, workers):
+    config = LoaderConfig(data=packed.dest, split="train", batch_size=16, num_workers=workers)
+    train = split_keys(ann, 0)
+    per_rank = epoch_keys(config, ranks)
+    seen = Counter(k for keys in per_rank for k in keys)
+    assert set(seen) == train  # every image of the split, none of another
+    slots = ranks * max(workers, 1)
+    assert len({len(keys) for keys in per_rank}) == 1 and len(per_rank[0]) == max(workers, 1) * math.ceil(len(train) / slots)
+    assert sum(seen.values()) - len(train) < slots  # the few repeats that even out the slots
+    assert epoch_keys(config, ranks, epoch=1) != per_rank  # a new permutation each epoch
+
+
+def test_resampling_stays_an_option_with_the_same_epoch_length(packed, ann):
+    config = LoaderConfig(data=packed.dest, split="train", batch_size=16, num_workers=2, sampling="resample")
+    per_rank = epoch_keys(config, 2)
+    assert {len(keys) for keys in per_rank} == {2 * math.ceil(len(split_keys(ann, 0)) / 4)}
+    assert set(k for keys in per_rank for k in keys) < split_keys(ann, 0)  # with replacement: some images unseen
+    with pytest.raises(ValueError, match="sampling must be one of epoch, resample"):
+        ShardStream(LoaderConfig(data=packed.dest, sampling="shuffled"), rank=0, world_size=1)
+
+
+def test_a_filtered_epoch_is_exactly_the_matching_images(packed, ann):
+    where = parse_where("Male=0")
+    expected = {f[:-4] for f, at, p in zip(ann.image_files, ann.attrs, ann.partition) if p == 0 and at[ATTRIBUTE_INDEX["Male"]] == 0}
+    per_rank = epoch_keys(LoaderConfig(data=packed.dest, split="train", batch_size=8, num_workers=2, where=where), 2)
+    seen = Counter(k for keys in per_rank for k in keys)
+    assert set(seen) == expected and sum(seen.values()) - len(expected) < 4
+    assert len(per_rank[0]) == 2 * math.ceil(len(expected) / 4)  # the epoch length follows the filter
+
+
+def test_evaluation_gives_every_slot_work_when_shards_are_fewer_than_slots(packed, ann):
+    assert len(packed.manifest.splits["val"].shards) < 6  # 6 slots below: fewer shards than slots
+    config = LoaderConfig(data=packed.dest, split="val", training=False, batch_size=4, num_workers=2)
+    seen = Counter()
     for rank in range(3):
         loader = make_loader(config, rank=rank, world_size=3)
+        stream = loader.dataset
+        sizes = [len(stream.rows_for(slot, 6)) for slot in (2 * rank, 2 * rank + 1)]
+        assert min(sizes) > 0 and max(sizes) - min(sizes) <= 1
         batches = list(loader)
-        per_rank.append(len(batches))
-        assert sum(len(b.keys) for b in batches) == math.ceil(train_n / 3)
-        assert len(batches) == len(loader.dataset)
-    assert len(set(per_rank)) == 1
+        assert len(batches) == len(stream)
+        seen.update(k for b in batches for k in b.keys)
+    assert set(seen) == split_keys(ann, 1) and set(seen.values()) == {1}
 
 
 def test_training_order_depends_on_epoch_and_seed_only(packed):
@@ -150,3 +200,58 @@ def test_s3_reads_survive_connections_cut_mid_response(packed, synth_root, s3, m
     assert through_proxy == direct
     assert proxy.cuts > 0
     assert sum(storage.RETRIES.values()) > retries_before
+
+
+def test_full_celeba_epochs_cover_the_split_at_every_scale():
+    """The issue's simulation at full CelebA scale (162,770 train images in 33 shards): resampled
+    shards covered ~64% of the images per epoch; a planned epoch covers all of them."""
+    sizes = [5000] * 32 + [2770]
+    index = SplitIndex.of(np.zeros((sum(sizes), 40), np.uint8), sizes)
+    rows = index.matching([])
+    for ranks, workers in ((1, 2), (4, 2), (8, 4)):
+        slots = ranks * workers
+        quota = math.ceil(len(rows) / slots)
+        order = epoch_order(index, rows, seed=0, epoch=3)
+        parts = [slot_rows(order, slot, slots, pad_to=quota) for slot in range(slots)]
+        assert {len(p) for p in parts} == {quota}
+        assert len(np.unique(np.concatenate(parts))) == len(rows)
+        resampled = np.concatenate([resampled_rows(index, rows, 0, 3, slot, quota) for slot in range(slots)])
+        assert len(np.unique(resampled)) < 0.75 * len(rows)  # what `sampling="resample"` gives up
+
+
+def test_the_label_index_is_checked_and_a_dataset_without_it_still_loads(packed, tmp_path):
+    dest = str(tmp_path / "ds")
+    shutil.copytree(packed.dest, dest)
+    config = LoaderConfig(data=dest, split="train", training=False, batch_size=16, num_workers=0, targets=("Male",))
+    expected = [(b.keys, b.targets) for b in make_loader(config)]
+    manifest_file = os.path.join(dest, "manifest.json")
+    manifest = json.load(open(manifest_file))
+    labels = np.load(os.path.join(dest, "labels.npy"))
+    labels[0, ATTRIBUTE_INDEX["Male"]] ^= 1  # one label changed, the manifest updated to match
+    raw = io.BytesIO()
+    np.save(raw, labels)
+    with open(os.path.join(dest, "labels.npy"), "wb") as f:
+        f.write(raw.getvalue())
+    with pytest.raises(InputError, match="labels.npy: .*do not match manifest.json"):
+        keys_of(make_loader(config))
+    assert [(p.shard, "do not match" in p.problem) for p in verify(dest).problems] == [("labels.npy", True)]
+    manifest["labels"] |= {"bytes": len(raw.getvalue()), "sha256": hashlib.sha256(raw.getvalue()).hexdigest()}
+    with open(manifest_file, "w") as f:
+        json.dump(manifest, f)
+    first_shard = packed.manifest.splits["train"].shards[0].name
+    with pytest.raises(CorruptShardError, match=f"{first_shard}: .*label index"):
+        keys_of(make_loader(config))
+    assert [(p.shard, "label index" in p.problem) for p in verify(dest).problems] == [(first_shard, True)]
+    # Packed by an older release (no index): the loader reads the shards' labels, and the same
+    # batches come out; packing again adds the index without rebuilding any shard.
+    del manifest["labels"]
+    with open(manifest_file, "w") as f:
+        json.dump(manifest, f)
+    os.remove(os.path.join(dest, "labels.npy"))
+    got = [(b.keys, b.targets) for b in make_loader(config)]
+    assert [k for k, _ in got] == [k for k, _ in expected] and all(torch.equal(a, b) for (_, a), (_, b) in zip(got, expected))
+    shards_before = {n: os.path.getmtime(os.path.join(dest, n)) for n in os.listdir(dest) if n.endswith(".tar")}
+    assert pack(packed.manifest.source["root"], dest, TEST_PACK).up_to_date
+    assert json.load(open(manifest_file))["labels"]["name"] == "labels.npy"
+    assert {n: os.path.getmtime(os.path.join(dest, n)) for n in shards_before} == shards_before
+    np.testing.assert_array_equal(np.load(os.path.join(dest, "labels.npy")), np.load(os.path.join(packed.dest, "labels.npy")))

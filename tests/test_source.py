@@ -13,15 +13,18 @@ from deeprecognition.celeba.source import CelebASource, find_source, load_annota
 from deeprecognition.errors import InputError
 
 from .celeba_fixtures import (
+    INFO_ZIP_LOCAL_EXTRA,
     LAYOUT_CASES,
     assert_same_annotations,
     make_annotations,
     make_jpegs,
+    upload_folder,
     write_file,
     write_folder,
     write_layout,
     write_zip,
 )
+from .conftest import BUCKET
 
 ANN = make_annotations(n=6)
 JPEGS = make_jpegs(ANN.image_files)
@@ -108,6 +111,43 @@ def test_zip_without_a_folder_and_with_macos_shadows(tmp_path) -> None:
     with open_images(find_source(str(tmp_path))) as images:
         assert images.names() == {name: len(data) for name, data in JPEGS.items()}
         assert images.read("000001.jpg") == JPEGS["000001.jpg"]
+
+
+@pytest.mark.parametrize(
+    ("compression", "local_extra"),
+    [(zipfile.ZIP_STORED, b""), (zipfile.ZIP_DEFLATED, b""), (zipfile.ZIP_DEFLATED, INFO_ZIP_LOCAL_EXTRA)],
+    ids=["stored", "deflated", "deflated-info-zip-headers"],
+)
+def test_zip_on_s3_is_read_in_place_one_image_or_many(s3, tmp_path, compression: int, local_extra: bytes) -> None:
+    root = str(tmp_path / "celeba")
+    write_layout(root, "torchvision-dir", ANN, {})  # annotations only
+    write_zip(os.path.join(root, "img_align_celeba.zip"), JPEGS, compression=compression, local_extra=local_extra)
+    uri = f"s3://{BUCKET}/zip-in-place-{compression}-{len(local_extra)}"
+    upload_folder(root, uri, s3)
+    with open_images(find_source(uri)) as images:
+        assert images.names() == {name: len(data) for name, data in JPEGS.items()}
+        assert images.read("000004.jpg") == JPEGS["000004.jpg"]
+        shuffled = ["000005.jpg", "000001.jpg", "000006.jpg", "000002.jpg"]
+        assert images.read_many(shuffled) == {name: JPEGS[name] for name in shuffled}
+
+
+def test_a_damaged_zip_member_is_named(tmp_path) -> None:
+    path = str(tmp_path / "img_align_celeba.zip")
+    write_layout(str(tmp_path), "torchvision-dir", ANN, {})  # annotations only
+    write_zip(path, JPEGS)
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo("img_align_celeba/000003.jpg")
+    with open(path, "r+b") as f:  # one flipped byte in the middle of the stored JPEG
+        at = info.header_offset + 30 + len(info.filename) + info.file_size // 2
+        f.seek(at)
+        byte = f.read(1)
+        f.seek(at)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    with open_images(find_source(str(tmp_path))) as images:
+        assert images.read("000002.jpg") == JPEGS["000002.jpg"]
+        with pytest.raises(InputError, match=r"cannot read img_align_celeba/000003.jpg \(Bad CRC-32.*download the zip again") as caught:
+            images.read_many(["000001.jpg", "000003.jpg"])
+    assert caught.value.path == path
 
 
 def test_zip_with_images_in_two_folders_is_refused(tmp_path) -> None:

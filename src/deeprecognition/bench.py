@@ -3,7 +3,6 @@ unless --num-workers says otherwise. Targets live here and in the README's table
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -40,11 +39,8 @@ def timed(run: Callable[[], Iterable[int]]) -> Rate:
 def loader_passes(data: str, split: str, num_workers: int, shards: int) -> Callable[[], Rate]:
     """Evaluation passes over the first `shards` shards of the split (whole shards, as training
     reads them) through one loader, as epochs go: each call times one more pass."""
-    manifest = read_manifest(data)
-    info = manifest.splits[split]
-    subset = dataclasses.replace(manifest, splits={split: dataclasses.replace(info, shards=info.shards[:shards])})
-    config = LoaderConfig(data=data, split=split, training=False, batch_size=256, num_workers=num_workers)
-    loader = make_loader(config, rank=0, world_size=1, manifest=subset)
+    config = LoaderConfig(data=data, split=split, training=False, batch_size=256, num_workers=num_workers, first_shards=shards)
+    loader = make_loader(config, rank=0, world_size=1)
     return lambda: timed(lambda: (len(batch.keys) for batch in loader))
 
 

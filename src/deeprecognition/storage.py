@@ -17,6 +17,7 @@ import os
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import IO, Any, Callable, TypeVar
 
@@ -158,6 +159,45 @@ def read_buffer(uri: str) -> tuple[bytes | mmap.mmap, tuple[int, int, int] | Non
         st = os.fstat(f.fileno())
         data = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if st.st_size else b""
         return data, (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def read_ranges(uri: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
+    """The bytes [start, end) of each range of one object, exactly those: fetched concurrently on S3
+    (one ranged GET each). Retried as a unit, but a retry fetches only the ranges that failed, and
+    retries go on for as long as they make progress."""
+    fs, path = filesystem(uri)
+    got: dict[int, bytes] = {}
+
+    def fetch_the_rest() -> None:
+        todo = [i for i in range(len(ranges)) if i not in got]
+        results = fs.cat_ranges([path] * len(todo), [ranges[i][0] for i in todo], [ranges[i][1] for i in todo], on_error="return")
+        failures = []
+        for i, result in zip(todo, results):
+            if isinstance(result, BaseException):
+                failures.append(result)
+            else:
+                got[i] = _exact_range(uri, ranges[i], result)
+        if failures:  # a permanent failure first: retrying cannot help it
+            raise next((err for err in failures if not _is_transient(err)), failures[0])
+
+    # Many ranges at once: on a store that cuts some connections, an attempt often fails somewhere
+    # while it fetches most of what is left: the read gives up only when a whole round of retries
+    # fetches nothing.
+    while len(got) < len(ranges):
+        before = len(got)
+        try:
+            retrying(f"read ranges of {uri}", fetch_the_rest)
+        except Exception as err:  # noqa: BLE001 - re-raised unless the attempts made progress
+            if not _is_transient(err) or len(got) == before:
+                raise
+    return [got[i] for i in range(len(ranges))]
+
+
+def _exact_range(uri: str, span: tuple[int, int], data: bytes) -> bytes:
+    start, end = span
+    if len(data) != end - start:
+        raise ValueError(f"{uri}: asked for bytes {start}-{end}, got {len(data)}: the object is shorter than its reader expects (changed while read?)")
+    return data
 
 
 def open_read(uri: str) -> IO[bytes]:

@@ -1,18 +1,28 @@
 """The training/evaluation input pipeline over a packed dataset (local or s3://, streamed by shard).
 
-WebDataset's conventions, with a lean inner loop:
-- shards are split across ranks x DataLoader workers ("slots");
-- training draws shards with replacement (WebDataset's `resampled=True`), shuffles through a buffer
-  and yields an exact number of samples per rank per epoch, so every DDP rank runs the same number
-  of steps; evaluation reads each shard once, so every sample is seen exactly once across ranks;
-- each shard is read whole (one GET, retried as a unit), checked against its manifest sha256, and
-  walked in memory; images come out as uint8 (B, 3, H, W): float conversion happens on the device.
+Which samples a rank reads is planned from the dataset's label index (shards/labels.py) before
+any shard is opened:
+- the split's samples that match `where` form one sequence: in evaluation in shard order; in
+  training a fresh seeded permutation every epoch (the shards in random order, the samples of each
+  shard in random order);
+- the sequence is cut into contiguous parts of equal length (within one), one per slot (ranks x
+  DataLoader workers), so each sample belongs to exactly one slot, every slot has work whenever
+  there are at least as many samples as slots, and a slot opens only the shards its part touches;
+- in training the shorter parts are padded with the sample just before them (fewer repeats than
+  slots per epoch), so every rank runs the same number of steps, which DDP needs, and every image
+  is seen at least once per epoch; evaluation parts are not padded: each sample counts once;
+- `sampling="resample"` draws shards with replacement instead (WebDataset's `resampled=True`),
+  for streams that want no epochs; an epoch then has the same length but no coverage guarantee.
+Each shard is read whole (one GET, retried as a unit), checked against its manifest sha256 and its
+labels against the index, and walked in memory; images come out as uint8 (B, 3, H, W): float
+conversion happens on the device.
 """
 
 from __future__ import annotations
 
 import gc
 import hashlib
+import logging
 import math
 import mmap
 import multiprocessing
@@ -30,16 +40,19 @@ from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 from deeprecognition import storage
 from deeprecognition.celeba.attributes import CELEBA_ATTRIBUTES, attribute_index
 from deeprecognition.errors import CorruptShardError
+from deeprecognition.shards.labels import read_labels, split_rows
 from deeprecognition.shards.manifest import Manifest, ShardInfo, read_manifest
+from deeprecognition.shards.sampling import SAMPLING, SplitIndex, epoch_order, part_bounds, resampled_rows, slot_rows
 from deeprecognition.shards.tario import iter_samples, read_npy
+
+log = logging.getLogger(__name__)
 
 
 # Decoders only read the shard's bytes; copying 50 MB per shard into a writable buffer just to
 # silence torch.frombuffer's read-only warning would cost more than the whole tar walk.
 warnings.filterwarnings("ignore", message="The given buffer is not writable", category=UserWarning)
 
-# (key, encoded image bytes, 40 attributes): decoding waits until a whole batch is assembled, and
-# the shuffle buffer holds compressed bytes, a tenth of the memory of decoded images.
+# (key, encoded image bytes, 40 attributes): decoding waits until a whole batch is assembled.
 Sample = tuple[str, memoryview, np.ndarray]
 
 
@@ -57,8 +70,8 @@ class LoaderConfig:
     where: dict[str, int] = field(default_factory=dict)  # keep only samples with these values
     batch_size: int = 64
     training: bool = True
-    epoch_samples: int | None = None  # per rank; None: the split's size / world size (training)
-    shuffle_buffer: int = 2000
+    sampling: str = "epoch"  # training: epoch (a permutation: every image once) | resample (shards with replacement)
+    first_shards: int | None = None  # only the split's first N shards (benchmarks); None: all
     num_workers: int = 2
     seed: int = 0
 
@@ -140,10 +153,26 @@ def dist_rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def split_index(data: str, manifest: Manifest, split: str) -> SplitIndex:
+    """The split's labels from the dataset's label index; a dataset packed before the index existed
+    has its shards' labels read once instead."""
+    shards = manifest.shards(split)
+    if manifest.labels is not None:
+        labels = read_labels(data, manifest)[split_rows(manifest, split)]
+    else:
+        log.warning("%s has no label index (packed by an older release): reading the labels of every %s shard first; "
+                    "run the same `deeprec pack` again to add it", data, split)
+        scanned = [np.stack([read_npy(f["attr.npy"]) for _, f in iter_samples(read_shard(data, s), s.name)]) for s in shards if s.samples]
+        labels = np.concatenate(scanned) if scanned else np.zeros((0, len(CELEBA_ATTRIBUTES)), np.uint8)
+    return SplitIndex.of(labels, (s.samples for s in shards))
+
+
 class ShardStream(IterableDataset):
     """Batches from one split of a packed dataset, for one rank; see the module docstring."""
 
     def __init__(self, config: LoaderConfig, manifest: Manifest | None = None, rank: int | None = None, world_size: int | None = None) -> None:
+        if config.sampling not in SAMPLING:
+            raise ValueError(f"sampling must be one of {', '.join(SAMPLING)}, got {config.sampling!r}")
         self.config = config
         self.manifest = manifest or read_manifest(config.data)
         self.shards = self.manifest.shards(config.split)
@@ -151,7 +180,12 @@ class ShardStream(IterableDataset):
         self.rank = default_rank if rank is None else rank
         self.world_size = default_world if world_size is None else world_size
         self.target_idx = np.array([attribute_index(n) for n in config.targets], dtype=np.int64)
-        self.where = [(attribute_index(n), v) for n, v in config.where.items()]
+        self.index = split_index(config.data, self.manifest, config.split)
+        rows = self.index.matching((attribute_index(n), v) for n, v in config.where.items())
+        self.rows = rows if config.first_shards is None else rows[rows < self.index.starts[min(config.first_shards, self.index.shards)]]
+        if config.training and not len(self.rows):
+            matching = f" matches {config.where}" if config.where else ""
+            raise ValueError(f"no sample of split {config.split!r} in {config.data}{matching}: nothing to train on")
         self.size = self.manifest.image.size
         # Shared memory, so that persistent DataLoader workers (forked once) see set_epoch too.
         self._epoch = multiprocessing.Value("q", 0, lock=False)
@@ -163,74 +197,64 @@ class ShardStream(IterableDataset):
     def set_epoch(self, epoch: int) -> None:
         self._epoch.value = epoch
 
-    def rank_samples(self) -> int:
-        """Samples this rank yields per epoch (training); evaluation yields its shards' samples."""
-        if self.config.epoch_samples is not None:
-            return self.config.epoch_samples
-        return math.ceil(self.manifest.splits[self.config.split].samples / self.world_size)
+    @property
+    def _workers(self) -> int:
+        return max(1, self.config.num_workers)
+
+    def _quota(self) -> int:
+        """Samples each slot yields per training epoch: the same everywhere."""
+        return math.ceil(len(self.rows) / (self.world_size * self._workers))
 
     def __len__(self) -> int:
-        """Batches per epoch in training: the same on every rank, which DDP needs."""
-        workers = max(1, self.config.num_workers)
-        quota = self.rank_samples()
-        return sum(math.ceil(self._worker_quota(quota, w, workers) / self.config.batch_size) for w in range(workers))
+        """Batches this rank yields per epoch; in training the same on every rank, which DDP needs."""
+        batch = self.config.batch_size
+        if self.config.training:
+            return self._workers * math.ceil(self._quota() / batch)
+        slots, first = self.world_size * self._workers, self.rank * self._workers
+        return sum(math.ceil((stop - start) / batch) for start, stop in (part_bounds(len(self.rows), s, slots) for s in range(first, first + self._workers)))
 
-    @staticmethod
-    def _worker_quota(quota: int, worker: int, workers: int) -> int:
-        return quota // workers + (1 if worker < quota % workers else 0)
-
-    def _slot(self) -> tuple[int, int, int, int]:
+    def _slot(self) -> tuple[int, int]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        return self.rank * workers + worker, self.world_size * workers, worker, workers
+        return self.rank * workers + worker, self.world_size * workers
 
-    def _samples(self, shard: ShardInfo) -> Iterator[Sample]:
-        data = read_shard(self.config.data, shard)
-        encoding = self.manifest.image.encoding
-        for key, fields in iter_samples(data, shard.name):
+    def rows_for(self, slot: int, slots: int) -> np.ndarray:
+        """The rows `slot` of `slots` reads this epoch, in order."""
+        cfg = self.config
+        if not cfg.training:
+            return slot_rows(self.rows, slot, slots)
+        if cfg.sampling == "resample":
+            return resampled_rows(self.index, self.rows, cfg.seed, self.epoch, slot, self._quota())
+        return slot_rows(epoch_order(self.index, self.rows, cfg.seed, self.epoch), slot, slots, pad_to=self._quota())
+
+    def samples(self, rows: np.ndarray) -> Iterator[Sample]:
+        """The samples at `rows`, in that order; each run of one shard's rows opens the shard once."""
+        if not len(rows):
+            return
+        shard_of = self.index.shard_of(rows)
+        cuts = np.flatnonzero(np.diff(shard_of)) + 1
+        for run, shard in zip(np.split(rows, cuts), shard_of[np.concatenate([[0], cuts])]):
+            in_shard, base = self._shard_samples(int(shard)), self.index.starts[shard]
+            for row in run:
+                yield in_shard[row - base]
+
+    def _shard_samples(self, s: int) -> list[Sample]:
+        shard, encoding = self.shards[s], self.manifest.image.encoding
+        samples = []
+        for key, fields in iter_samples(read_shard(self.config.data, shard), shard.name):
             if encoding not in fields or "attr.npy" not in fields:
                 raise CorruptShardError(shard.name, f"sample {key} lacks its {encoding} or attr.npy member")
-            attrs = read_npy(fields["attr.npy"])
-            if not self.where or all(attrs[i] == v for i, v in self.where):
-                yield key, fields[encoding], attrs
-
-    def _eval_samples(self, slot: int, slots: int) -> Iterator[Sample]:
-        for shard in self.shards[slot::slots]:
-            yield from self._samples(shard)
-
-    def _train_samples(self, slot: int, quota: int) -> Iterator[Sample]:
-        rng = np.random.default_rng([self.config.seed, self.epoch, slot])
-        weights = np.array([s.samples for s in self.shards], dtype=np.float64)
-        if quota and not weights.sum():
-            raise ValueError(f"split {self.config.split!r} of {self.config.data} has no samples to train on")
-        buffer: list[Sample] = []
-        produced = draws = 0
-        while produced < quota:
-            shard = self.shards[rng.choice(len(self.shards), p=weights / weights.sum())]
-            draws += 1
-            for sample in self._samples(shard):
-                buffer.append(sample)
-                if len(buffer) >= self.config.shuffle_buffer:
-                    yield buffer.pop(rng.integers(len(buffer)))
-                    produced += 1
-                    if produced == quota:
-                        return
-            if not buffer and produced == 0 and draws >= 4 * len(self.shards):
-                raise ValueError(f"no sample of split {self.config.split!r} in {self.config.data} matches {self.config.where}")
-        while produced < quota and buffer:
-            yield buffer.pop(rng.integers(len(buffer)))
-            produced += 1
+            samples.append((key, fields[encoding], read_npy(fields["attr.npy"])))
+        indexed = self.index.labels[self.index.starts[s] : self.index.starts[s + 1]]
+        if len(samples) != len(indexed) or not np.array_equal(np.stack([a for _, _, a in samples]), indexed):
+            raise CorruptShardError(shard.name, "its samples' labels differ from the dataset's label index (labels.npy)")
+        return samples
 
     def __iter__(self) -> Iterator[Batch]:
         _freeze_long_lived_objects()
-        slot, slots, worker, workers = self._slot()
-        if self.config.training:
-            samples = self._train_samples(slot, self._worker_quota(self.rank_samples(), worker, workers))
-        else:
-            samples = self._eval_samples(slot, slots)
-        yield from self._batches(samples)
+        yield from self.batches(self.samples(self.rows_for(*self._slot())))
 
-    def _batches(self, samples: Iterator[Sample]) -> Iterator[Batch]:
+    def batches(self, samples: Iterator[Sample]) -> Iterator[Batch]:
         chunk: list[Sample] = []
         for sample in samples:
             chunk.append(sample)

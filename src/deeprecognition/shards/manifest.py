@@ -47,6 +47,16 @@ class ImageInfo:
 
 
 @dataclass(frozen=True)
+class LabelsInfo:
+    """The label index (shards/labels.py): every sample's 40 attributes in one file, so the loader
+    plans which samples each rank reads, and filters by attribute, before opening any shard."""
+
+    name: str
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
 class Manifest:
     image: ImageInfo
     split_policy: dict[str, Any]  # {"name": "official"} or {"name": "random", "seed": 0, "fractions": [...]}
@@ -54,6 +64,7 @@ class Manifest:
     skipped: dict[str, Any]  # {"undecodable": n, "undecodable_files": [...], "missing": n, "missing_files": [...]}
     source: dict[str, Any]  # {"layout": ..., "fingerprint": ..., "images_listed": n}
     attributes: list[str] = field(default_factory=lambda: list(CELEBA_ATTRIBUTES))
+    labels: LabelsInfo | None = None  # None: packed before the index existed (the loader then scans the shards)
     format: str = FORMAT
     version: int = VERSION
 
@@ -122,7 +133,17 @@ def manifest_from_dict(data: dict[str, Any], path: str = MANIFEST) -> Manifest:
         splits=splits,
         skipped=_require(data, "skipped", dict, "", path),
         source=_require(data, "source", dict, "", path),
+        labels=_labels_from_dict(data["labels"], path) if data.get("labels") is not None else None,
     )
+
+
+def _labels_from_dict(d: Any, path: str) -> LabelsInfo:
+    if not isinstance(d, dict):
+        raise InputError(path, f"field labels has type {type(d).__name__}, expected dict")
+    labels = LabelsInfo(name=_require(d, "name", str, "labels.", path), bytes=_require(d, "bytes", int, "labels.", path), sha256=_require(d, "sha256", str, "labels.", path))
+    if "/" in labels.name or "\\" in labels.name or labels.name.startswith("."):
+        raise InputError(path, f"field labels.name {labels.name!r} is not a plain file name")
+    return labels
 
 
 def read_manifest(dataset: str) -> Manifest:

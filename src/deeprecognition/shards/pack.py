@@ -22,7 +22,8 @@ from deeprecognition.celeba.attributes import SPLITS
 from deeprecognition.celeba.source import CelebASource, find_source, load_annotations, open_images
 from deeprecognition.errors import InputError
 from deeprecognition.shards.encode import ImageFormat, decode_source, encode_image, resize, sample_members
-from deeprecognition.shards.manifest import MANIFEST, SHARD_NAME, ImageInfo, Manifest, ShardInfo, SplitInfo, read_manifest, write_manifest
+from deeprecognition.shards.labels import write_labels
+from deeprecognition.shards.manifest import MANIFEST, SHARD_NAME, ImageInfo, LabelsInfo, Manifest, ShardInfo, SplitInfo, read_manifest, write_manifest
 from deeprecognition.shards.plan import PackPlan, ShardPlan, make_plan
 from deeprecognition.shards.tario import tar_bytes
 
@@ -70,18 +71,21 @@ def build_shard(source: CelebASource, shard: ShardPlan, fmt: ImageFormat, strict
     """The tar bytes of one shard, and the source files skipped because they do not decode."""
     members: list[tuple[str, bytes]] = []
     undecodable: list[str] = []
+    # Read in whatever order the source serves best (a zip: by offset), packed in plan order. Read
+    # failures stay out of the try below: an image that cannot be fetched is not an undecodable one.
     with open_images(source) as images:
-        for i, file in enumerate(shard.files):
-            try:
-                img = decode_source(images.read(file))
-            except (OSError, SyntaxError, ValueError) as err:
-                if strict:
-                    raise InputError(storage.join(source.images, file), f"does not decode as an image ({err}); without --strict it would be skipped and counted") from None
-                log.warning("skipping %s: does not decode (%s)", file, err)
-                undecodable.append(file)
-                continue
-            image = encode_image(resize(img, fmt), fmt)
-            members += sample_members(file.rsplit(".", 1)[0], image, fmt, shard.attrs[i], shard.meta(i))
+        raw = images.read_many(shard.files)
+    for i, file in enumerate(shard.files):
+        try:
+            img = decode_source(raw[file])
+        except (OSError, SyntaxError, ValueError) as err:
+            if strict:
+                raise InputError(storage.join(source.images, file), f"does not decode as an image ({err}); without --strict it would be skipped and counted") from None
+            log.warning("skipping %s: does not decode (%s)", file, err)
+            undecodable.append(file)
+            continue
+        image = encode_image(resize(img, fmt), fmt)
+        members += sample_members(file.rsplit(".", 1)[0], image, fmt, shard.attrs[i], shard.meta(i))
     return tar_bytes(members), undecodable
 
 
@@ -176,7 +180,14 @@ def _run_tasks(source: CelebASource, dest: str, plan: PackPlan, options: PackOpt
     return results
 
 
-def _manifest(source: CelebASource, plan: PackPlan, options: PackOptions, results: list[ShardResult]) -> Manifest:
+def _label_rows(plan: PackPlan, undecodable: set[str]) -> np.ndarray:
+    """Every packed sample's attributes in manifest order: the plan's, less the images that did not
+    decode (plan.shards is in split order, each shard's files in tar order)."""
+    rows = [shard.attrs[[f not in undecodable for f in shard.files]] for shard in plan.shards]
+    return np.concatenate(rows) if rows else np.zeros((0, 40), np.uint8)
+
+
+def _manifest(source: CelebASource, plan: PackPlan, options: PackOptions, results: list[ShardResult], labels: LabelsInfo) -> Manifest:
     by_name = {r.info.name: r for r in results}
     splits = {}
     for split in SPLITS:
@@ -195,6 +206,7 @@ def _manifest(source: CelebASource, plan: PackPlan, options: PackOptions, result
             "missing_files_first": plan.missing[:20],
         },
         source={"layout": source.layout, "root": source.root, "fingerprint": plan.source_fingerprint, "images_listed": plan.listed, "plan": plan.plan_id},
+        labels=labels,
     )
 
 
@@ -210,10 +222,14 @@ def pack(src: str, dest: str, options: PackOptions = PackOptions(), progress: bo
         if existing.source.get("plan") != plan.plan_id:
             raise InputError(storage.join(dest, MANIFEST), "DEST already holds a dataset packed from another source or with other options: pack into a new DEST, or delete this one first")
         _remove_records(dest)  # left behind if an earlier run died right after its manifest
+        if existing.labels is None:  # packed before the label index: add it, the shards stay
+            labels = write_labels(dest, _label_rows(plan, set(existing.skipped["undecodable_files"])))
+            write_manifest(dest, existing := dataclasses.replace(existing, labels=labels))
         return PackReport(dest=dest, manifest=existing, built=0, kept=len(plan.shards), seconds=time.perf_counter() - start, up_to_date=True)
     _remove_leftovers(dest, plan)
     results = _run_tasks(source, dest, plan, options, progress)
-    manifest = _manifest(source, plan, options, results)
+    labels = write_labels(dest, _label_rows(plan, {f for r in results for f in r.undecodable}))
+    manifest = _manifest(source, plan, options, results, labels)
     write_manifest(dest, manifest)
     _remove_records(dest)
     kept = sum(r.kept for r in results)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,6 +22,8 @@ from deeprecognition.errors import InputError
 
 if TYPE_CHECKING:
     from deeprecognition.shards.pack import PackOptions
+
+log = logging.getLogger(__name__)
 
 RANDOM_FRACTIONS = (0.6, 0.2, 0.2)
 
@@ -71,17 +74,46 @@ def source_fingerprint(source: CelebASource, ann: Annotations, present: dict[str
 
 
 def split_codes(ann: Annotations, keep: np.ndarray, policy: str, seed: int) -> np.ndarray:
-    """The split (0 train, 1 val, 2 test) of each kept image."""
+    """The split (0 train, 1 val, 2 test) of each kept image.
+
+    random: whole identities when the identity file is there, so that no person is in two splits
+    (as in the official split); one image at a time without it."""
     if policy == "official":
         return ann.partition[keep].astype(np.int64)
     if policy != "random":
         raise ValueError(f"unknown split policy {policy!r}: use official or random")
-    order = np.random.default_rng(seed).permutation(len(keep))
-    cuts = np.round(np.cumsum(RANDOM_FRACTIONS)[:-1] * len(keep)).astype(int)
-    codes = np.empty(len(keep), np.int64)
+    units = np.arange(len(keep)) if ann.identity is None else ann.identity[keep]
+    return _split_units(units, seed)
+
+
+def _split_units(units: np.ndarray, seed: int) -> np.ndarray:
+    """Codes that keep each unit's images together: the units in a seeded order, cut where the
+    image count comes closest to RANDOM_FRACTIONS (exact when every unit is one image)."""
+    unique, unit_of_image, images_per_unit = np.unique(units, return_inverse=True, return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(unique))
+    filled = np.concatenate([[0], np.cumsum(images_per_unit[order])])  # images in the first k units
+    targets = np.cumsum(RANDOM_FRACTIONS)[:-1] * len(units)
+    cuts = [int(np.argmin(np.abs(filled - target))) for target in targets]
+    unit_codes = np.empty(len(unique), np.int64)
     for code, part in enumerate(np.split(order, cuts)):
-        codes[part] = code
-    return codes
+        unit_codes[part] = code
+    return unit_codes[unit_of_image]
+
+
+def _split_policy(options: PackOptions, ann: Annotations) -> dict[str, Any]:
+    """What the manifest records about the split, and what the plan id must cover."""
+    if options.split != "random":
+        return {"name": options.split}
+    return {"name": "random", "seed": options.seed, "fractions": list(RANDOM_FRACTIONS), "identity_disjoint": ann.identity is not None}
+
+
+def _warn_if_identities_may_be_shared(source: CelebASource, policy: dict[str, Any]) -> None:
+    if policy.get("identity_disjoint") is False:
+        log.warning(
+            "--split random: %s has no identity file, so images are split one by one and one person's "
+            "images may be in train and in test; add CelebA's identity_CelebA.txt to the copy to keep identities apart",
+            source.root,
+        )
 
 
 def _check_missing(source: CelebASource, ann: Annotations, missing: list[str], allow: bool) -> None:
@@ -120,9 +152,14 @@ def make_plan(source: CelebASource, ann: Annotations, present: dict[str, int], o
                 )
             )
     fingerprint = source_fingerprint(source, ann, present)
-    policy: dict[str, Any] = {"name": options.split}
-    if options.split == "random":
-        policy |= {"seed": options.seed, "fractions": list(RANDOM_FRACTIONS)}
+    policy = _split_policy(options, ann)
+    _warn_if_identities_may_be_shared(source, policy)
     settings = {k: v for k, v in asdict(options).items() if k != "num_workers"}
-    plan_id = hashlib.sha256(json.dumps([settings, fingerprint], sort_keys=True).encode()).hexdigest()[:16]
+    plan_key: list[Any] = [settings, fingerprint]
+    if options.split == "random":
+        # The random split's rule changed (issue 11: whole identities), so its policy is part of the id:
+        # shards planned under the per-image rule are never taken for this plan's. The official rule
+        # never changed; leaving its policy out keeps the ids of datasets packed before valid.
+        plan_key.append(policy)
+    plan_id = hashlib.sha256(json.dumps(plan_key, sort_keys=True).encode()).hexdigest()[:16]
     return PackPlan(shards=shards, missing=missing, listed=len(ann), source_fingerprint=fingerprint, split_policy=policy, plan_id=plan_id)

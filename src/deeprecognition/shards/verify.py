@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from deeprecognition import storage
-from deeprecognition.errors import CorruptShardError
+from deeprecognition.errors import CorruptShardError, InputError
+from deeprecognition.shards.labels import LABELS, read_labels, split_rows
 from deeprecognition.shards.loader import decode_image
 from deeprecognition.shards.manifest import SHARD_NAME, Manifest, ShardInfo, read_manifest
 from deeprecognition.shards.tario import iter_samples, read_npy
@@ -34,7 +35,9 @@ class VerifyReport:
         return not self.problems
 
 
-def _check_samples(data: bytes, shard: ShardInfo, manifest: Manifest) -> None:
+def _check_samples(data: bytes, shard: ShardInfo, manifest: Manifest, indexed: np.ndarray | None) -> None:
+    """Every sample of a shard whole and decodable, matching the manifest and (`indexed`: the
+    shard's rows of the label index, when there is one) the label index."""
     encoding, size = manifest.image.encoding, manifest.image.size
     count = 0
     positives = np.zeros(len(manifest.attributes), dtype=np.int64)
@@ -50,6 +53,8 @@ def _check_samples(data: bytes, shard: ShardInfo, manifest: Manifest) -> None:
             raise CorruptShardError(shard.name, f"sample {key}: image does not decode ({err})") from None
         if tuple(image.shape) != (3, size, size):
             raise CorruptShardError(shard.name, f"sample {key}: image is {tuple(image.shape)}, expected (3, {size}, {size})")
+        if indexed is not None and (count >= len(indexed) or not np.array_equal(indexed[count], attrs)):
+            raise CorruptShardError(shard.name, f"sample {key}: its labels differ from the label index ({LABELS})")
         positives += attrs
         count += 1
     if count != shard.samples:
@@ -58,7 +63,7 @@ def _check_samples(data: bytes, shard: ShardInfo, manifest: Manifest) -> None:
         raise CorruptShardError(shard.name, "attribute counts differ from the manifest")
 
 
-def verify_shard(dataset: str, shard: ShardInfo, manifest: Manifest) -> ShardProblem | None:
+def verify_shard(dataset: str, shard: ShardInfo, manifest: Manifest, indexed: np.ndarray | None = None) -> ShardProblem | None:
     try:
         data = storage.read_bytes(storage.join(dataset, shard.name))
     except FileNotFoundError:
@@ -68,24 +73,43 @@ def verify_shard(dataset: str, shard: ShardInfo, manifest: Manifest) -> ShardPro
     if hashlib.sha256(data).hexdigest() != shard.sha256:
         return ShardProblem(shard.name, "sha256 differs from the manifest (bytes changed since packing)")
     try:
-        _check_samples(data, shard, manifest)
+        _check_samples(data, shard, manifest, indexed)
     except CorruptShardError as err:
         return ShardProblem(shard.name, err.problem)
     return None
+
+
+def _shard_starts(manifest: Manifest, split: str) -> list[tuple[ShardInfo, int]]:
+    """Each shard of `split` with the index row its first sample has."""
+    first = split_rows(manifest, split).start
+    shards = manifest.shards(split)
+    return list(zip(shards, (first + np.cumsum([0] + [s.samples for s in shards[:-1]])).tolist()))
+
+
+def _label_index(dataset: str, manifest: Manifest) -> tuple[np.ndarray | None, list[ShardProblem]]:
+    """The label index to check the shards against (None without one), or its own problem."""
+    if manifest.labels is None:
+        return None, []
+    try:
+        return read_labels(dataset, manifest), []
+    except InputError as err:
+        return None, [ShardProblem(manifest.labels.name, err.message)]
 
 
 def verify(dataset: str, num_workers: int = 4) -> VerifyReport:
     retries_before = storage.retry_count()
     manifest = read_manifest(dataset)
     shards = [s for split in manifest.splits.values() for s in split.shards]
+    labels, problems = _label_index(dataset, manifest)
+    rows = {shard.name: slice(start, start + shard.samples) for split in manifest.splits for shard, start in _shard_starts(manifest, split)}
     # Threads suffice: hashing and JPEG decoding release the GIL.
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
-        results = list(pool.map(lambda s: verify_shard(dataset, s, manifest), shards))
+        results = list(pool.map(lambda s: verify_shard(dataset, s, manifest, None if labels is None else labels[rows[s.name]]), shards))
     listed = {s.name for s in shards}
     return VerifyReport(
         shards=len(shards),
         samples=sum(s.samples for s in shards),
-        problems=[r for r in results if r is not None],
+        problems=problems + [r for r in results if r is not None],
         unlisted=[n for n in storage.list_names(dataset) if SHARD_NAME.match(n) and n not in listed],
         retries=storage.retry_count() - retries_before,
     )
