@@ -3,16 +3,22 @@ synthetic CelebA (packed once) for the whole run; real-data tests need DEEPREC_C
 
 from __future__ import annotations
 
+import dataclasses
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import boto3
+import numpy as np
 import pytest
 
+from deeprecognition.celeba.annotations import write_annotations
 from deeprecognition.celeba.synthetic import write_synthetic
+from deeprecognition.shards.encode import ImageFormat
 from deeprecognition.shards.pack import PackOptions, PackReport, pack
 
 SYNTH_N = 240
+# Every multi-rank test run: a collective that waits this long fails its test instead of hanging CI.
+COLLECTIVE_TIMEOUT_S = 60
 SYNTH_SEED = 7
 # Small shards, so that even a 240-image dataset has several per split.
 TEST_PACK = PackOptions(samples_per_shard=25)
@@ -80,3 +86,32 @@ def synth_root(tmp_path_factory: pytest.TempPathFactory) -> str:
 def packed(ray_cluster: None, synth_root: str, tmp_path_factory: pytest.TempPathFactory) -> PackReport:
     """The synthetic CelebA packed once with TEST_PACK into a local folder."""
     return pack(synth_root, str(tmp_path_factory.mktemp("packed")), TEST_PACK)
+
+
+@pytest.fixture(scope="session")
+def faces64(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """1,200 synthetic faces at 64 px: enough for a CNN to learn Male in a few CPU seconds."""
+    src = str(tmp_path_factory.mktemp("s1200"))
+    write_synthetic(src, n=1200, seed=3)
+    return pack(src, str(tmp_path_factory.mktemp("p1200")), PackOptions(image=ImageFormat(size=64), samples_per_shard=200)).dest
+
+
+@pytest.fixture(scope="session")
+def judge(faces64: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A small CNN trained on Male, Smiling and Attractive: FID features and attribute rates."""
+    from deeprecognition.config import ClassifierConfig, apply_overrides, to_dict
+    from deeprecognition.loops.classifier import train_loop_per_worker
+
+    runs = tmp_path_factory.mktemp("judge")
+    overrides = [f"data.data={faces64}", f"storage={runs}", "name=judge", "data.task=Male,Smiling,Attractive", "data.batch_size=32",
+                 "data.loader_workers=0", "model.layers=3", "optim.epochs=2"]
+    train_loop_per_worker(to_dict(apply_overrides(ClassifierConfig(), overrides)))
+    return str(runs / "judge")
+
+
+def repartitioned(root: str, dest: str, n: int, partition: Callable[[int], int], size: int = 64) -> str:
+    """A synthetic CelebA of n faces whose official partition is `partition(i)` for image i
+    (0 train, 1 val, 2 test), packed at `size` px: datasets with an empty or one-image split."""
+    ann = write_synthetic(root, n=n, seed=11)
+    write_annotations(root, dataclasses.replace(ann, partition=np.array([partition(i) for i in range(n)], dtype=np.uint8)))
+    return pack(root, dest, PackOptions(image=ImageFormat(size=size), samples_per_shard=50)).dest

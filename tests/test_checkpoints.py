@@ -13,8 +13,8 @@ import torch
 
 from deeprecognition import pull as pull_module
 from deeprecognition import storage
-from deeprecognition.catalog import best, list_runs
-from deeprecognition.checkpoint import best_checkpoint, load_state, write_checkpoint
+from deeprecognition.catalog import best, best_checkpoint, list_runs
+from deeprecognition.checkpoint import load_state, write_checkpoint
 from deeprecognition.cli import main
 from deeprecognition.errors import InputError
 from deeprecognition.pull import pull
@@ -149,5 +149,5 @@ def test_a_run_with_only_an_interrupted_checkpoint_says_so(tmp_path):
     folder = tmp_path / "run" / "checkpoint_000003"
     write_checkpoint(str(folder), {"epoch": 3, "config": {}}, {"epoch": 3})
     os.remove(folder / "checksums.json")  # what a killed upload leaves: the list is written last
-    with pytest.raises(InputError, match=r"has no complete checkpoint \(checkpoint_000003: no readable checksums.json"):
+    with pytest.raises(InputError, match=r"holds no complete checkpoints \(1 partial: checkpoint_000003: no readable checksums.json"):
         best_checkpoint(str(tmp_path / "run"))

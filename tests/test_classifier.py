@@ -15,31 +15,22 @@ import pytest
 import torch
 
 from deeprecognition import storage
-from deeprecognition.celeba.synthetic import write_synthetic
 from deeprecognition.checkpoint import load_state
 from deeprecognition.cli import main
 from deeprecognition.config import ClassifierConfig, apply_overrides, to_dict
 from deeprecognition.errors import InputError
 from deeprecognition.evaluate import evaluate_checkpoint
 from deeprecognition.launch import check_before_workers, run
-from deeprecognition.loops.classifier import train_loop_per_worker
-from deeprecognition.shards.encode import ImageFormat
+from deeprecognition.loops.classifier import majority_of, train_loop_per_worker
+from deeprecognition.shards.loader import LoaderConfig, make_loader
 from deeprecognition.shards.manifest import read_manifest
-from deeprecognition.shards.pack import PackOptions, pack
 
-from .conftest import BUCKET
-
-
-@pytest.fixture(scope="module")
-def faces64(ray_cluster, tmp_path_factory) -> str:
-    """1,200 synthetic faces at 64 px: enough for a CNN to learn Male in a few CPU seconds."""
-    src = str(tmp_path_factory.mktemp("s1200"))
-    write_synthetic(src, n=1200, seed=3)
-    return pack(src, str(tmp_path_factory.mktemp("p1200")), PackOptions(image=ImageFormat(size=64), samples_per_shard=200)).dest
+from .conftest import BUCKET, COLLECTIVE_TIMEOUT_S, repartitioned
 
 
 def config(data: str, storage: str, *overrides: str) -> ClassifierConfig:
-    base = [f"data.data={data}", f"storage={storage}", "data.task=Male,Smiling", "data.batch_size=32", "data.loader_workers=0", "model.layers=3"]
+    base = [f"data.data={data}", f"storage={storage}", "data.task=Male,Smiling", "data.batch_size=32", "data.loader_workers=0", "model.layers=3",
+            f"scale.collective_timeout_s={COLLECTIVE_TIMEOUT_S}"]
     return apply_overrides(ClassifierConfig(), base + list(overrides))
 
 
@@ -208,3 +199,27 @@ def test_ddp_ranks_read_different_shards_and_hold_the_same_weights_after_a_step(
     assert len(ranks[0]["pass_keys"]) + len(ranks[1]["pass_keys"]) == read_manifest(faces64).splits["train"].samples
     assert ranks[0]["train_keys"] != ranks[1]["train_keys"]
     assert torch.equal(torch.tensor(ranks[0]["weights"]), torch.tensor(ranks[1]["weights"]))
+
+
+def test_a_continued_run_trains_at_the_learning_rate_it_is_given(faces64, tmp_path, capsys):
+    quick = ("name=lr", "optim.steps_per_epoch=2")
+    train_loop_per_worker(to_dict(config(faces64, str(tmp_path), *quick, "optim.epochs=1")))
+    capsys.readouterr()
+    train_loop_per_worker(to_dict(config(faces64, str(tmp_path), *quick, "optim.epochs=2", "optim.lr=0.0001")))
+    assert "the config changes optimizer lr 0.001 -> 0.0001" in capsys.readouterr().out
+    state = load_state(str(tmp_path / "lr" / "checkpoint_000001"))
+    assert {group["lr"] for group in state["optimizer"]["param_groups"]} == {0.0001}
+
+
+def test_evaluate_on_a_test_only_dataset_keeps_the_models_own_floor(faces64, tmp_path):
+    train_loop_per_worker(to_dict(config(faces64, str(tmp_path), "name=floor", "optim.epochs=1", "optim.steps_per_epoch=2")))
+    run_dir = str(tmp_path / "floor")
+    majority = torch.tensor(load_state(os.path.join(run_dir, "checkpoint_000000"))["majority"])
+    assert majority.tolist() == majority_of(read_manifest(faces64), ("Male", "Smiling")).tolist()
+    # The official release's test split alone, as a user packs it to evaluate on: no train split.
+    test_only = repartitioned(str(tmp_path / "src"), str(tmp_path / "test-only"), 40, lambda i: 2)
+    assert read_manifest(test_only).splits["train"].samples == 0
+    report = evaluate_checkpoint(run_dir, test_only, split="test")
+    labels = torch.cat([b.targets for b in make_loader(LoaderConfig(data=test_only, split="test", training=False, num_workers=0, targets=("Male", "Smiling")))])
+    assert report["samples"] == 40
+    assert report["exact_match_majority_baseline"] == pytest.approx(((labels != 0) == majority).all(1).float().mean().item())

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
 
-from deeprecognition.cli import main
+import pytest
+
+from deeprecognition.cli import CLASSIFIER_FLAGS, GAN_FLAGS, _parser, main
 
 from .conftest import BUCKET, SYNTH_N
+from .rayhead import REPO
 
 
 def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
@@ -76,3 +81,49 @@ def test_bench_pack_measures_one_shard_in_process(synth_root, capsys):
     code, out, _ = run_cli(capsys, "bench", "pack", synth_root, "--limit", "50", "--json")
     result = json.loads(out)
     assert code == 0 and result["samples"] == 50 and result["images_per_s"] > 0 and result["bytes_per_image"] > 1000
+
+
+def test_tune_json_prints_the_document_alone_and_rays_worker_lines_on_stderr(packed, tmp_path):
+    # Two trials whose workers print the same epoch lines: Ray deduplicates them across the two and
+    # holds them back until its aggregation window ends or the driver disconnects. A long window
+    # makes it the disconnect every time, as it is whenever the trials end within 5 s of each other.
+    sweep = tmp_path / "two_depths.yaml"
+    sweep.write_text(open(os.path.join(REPO, "tune_configs", "cnn_layers.yaml")).read().replace("{grid: [1, 2, 3, 4]}", "{grid: [1, 2]}"))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_DEDUP_LOGS_AGG_WINDOW_S": "600"}
+    done = subprocess.run(
+        [sys.executable, "-m", "deeprecognition", "tune", str(sweep), "--data", packed.dest, "--storage", str(tmp_path / "sweeps"), "--smoke", "--json"],
+        capture_output=True, text=True, env=env,  # no RAY_ADDRESS: the command starts a local Ray of its own
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    document = json.loads(done.stdout)  # one document and nothing else, or this raises
+    assert [t["status"] for t in document["trials"]] == ["finished", "finished"]
+    err = re.sub(r"\x1b\[[0-9;]*m", "", done.stderr)  # Ray colours its prefixes
+    assert "Trial status:" in err  # Tune's progress
+    assert re.search(r"\(RayTrainWorker pid=\d+\) epoch \d/2 .*\[repeated \dx across cluster\]", err)  # the workers' stdout
+
+
+def _subcommand(parser: argparse.ArgumentParser, *names: str) -> argparse.ArgumentParser:
+    for name in names:
+        [subparsers] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        parser = subparsers.choices[name]
+    return parser
+
+
+TRAIN_FIELDS = {"classifier": CLASSIFIER_FLAGS, "gan": GAN_FLAGS}
+# Every numeric flag of both train commands, read from the parser: a new one is covered as it lands.
+NUMERIC_TRAIN_FLAGS = [(job, action.option_strings[0], action.dest) for job in TRAIN_FIELDS
+                       for action in _subcommand(_parser(), "train", job)._actions if action.type in (int, float)]
+
+
+@pytest.mark.parametrize(("job", "flag", "dest"), NUMERIC_TRAIN_FLAGS, ids=[f"{job}{flag}" for job, flag, _ in NUMERIC_TRAIN_FLAGS])
+def test_a_zero_train_flag_reaches_the_config(job, flag, dest, capsys):
+    field = TRAIN_FIELDS[job][dest]  # a KeyError here: a flag that never reaches the config
+    code, out, err = run_cli(capsys, "train", job, flag, "0", "--dry-run")
+    if code == 2:  # the config refuses 0, by name
+        assert field in err, err
+        return
+    assert code == 0, err
+    value = json.loads(out)
+    for part in field.split("."):
+        value = value[part]
+    assert value == 0 and not isinstance(value, bool), f"{flag} 0 gave {field} = {value!r}"

@@ -29,7 +29,8 @@ import yaml
 
 from deeprecognition import storage
 from deeprecognition.catalog import list_runs
-from deeprecognition.checkpoint import best_checkpoint, load_state, write_checkpoint
+from deeprecognition.catalog import best_checkpoint
+from deeprecognition.checkpoint import load_state, write_checkpoint
 from deeprecognition.cli import main
 from deeprecognition.config import ClassifierConfig, apply_overrides, from_dict, to_dict
 from deeprecognition.errors import CorruptShardError, InputError

@@ -15,49 +15,39 @@ from PIL import Image
 from deeprecognition import storage
 from deeprecognition.checkpoint import load_state
 from deeprecognition.cli import main
-from deeprecognition.config import ClassifierConfig, apply_overrides, modern_dcgan, to_dict
+from deeprecognition.config import apply_overrides, modern_dcgan, to_dict
 from deeprecognition.errors import InputError
 from deeprecognition.gan_eval import INCEPTION_FILE, NOT_COMPARABLE, evaluate_gan, pick_extractor
 from deeprecognition.launch import run
-from deeprecognition.loops.classifier import train_loop_per_worker as train_classifier
-from deeprecognition.loops.gan import train_loop_per_worker
+from deeprecognition.loops.gan import clip_gradients, train_loop_per_worker
 from deeprecognition.loops.gan_data import judged_positive, reference_faces
 from deeprecognition.shards.loader import LoaderConfig, make_loader
 from deeprecognition.trained import TrainedClassifier
 
-from .conftest import BUCKET
-from .test_classifier import _train_worker_pids, faces64, fit_killing_a_worker  # noqa: F401  (the 64 px synthetic dataset fixture)
+from .conftest import BUCKET, COLLECTIVE_TIMEOUT_S
+from .test_classifier import _train_worker_pids, fit_killing_a_worker
 
 
 def gan_config(data: str, storage_uri: str, iterations: int, *overrides: str):
     """A small DCGAN (width 16, batch 8) on all faces: quick on CPU."""
     base = [f"data.data={data}", f"storage={storage_uri}", "name=g", f"optim.iterations={iterations}", "data.batch_size=8", "data.where=",
-            "data.loader_workers=0", "model.width=16", "schedule.mosaic_every=3", "schedule.checkpoint_every=3", "schedule.log_every=1"]
+            "data.loader_workers=0", "model.width=16", "schedule.mosaic_every=3", "schedule.checkpoint_every=3", "schedule.log_every=1",
+            f"scale.collective_timeout_s={COLLECTIVE_TIMEOUT_S}"]
     return apply_overrides(modern_dcgan(), base + list(overrides))
 
 
 @pytest.fixture(scope="module")
-def judge(faces64, tmp_path_factory) -> str:  # noqa: F811
-    """A small CNN trained on Male, Smiling and Attractive: FID features and attribute rates."""
-    runs = tmp_path_factory.mktemp("judge")
-    overrides = [f"data.data={faces64}", f"storage={runs}", "name=judge", "data.task=Male,Smiling,Attractive", "data.batch_size=32",
-                 "data.loader_workers=0", "model.layers=3", "optim.epochs=2"]
-    train_classifier(to_dict(apply_overrides(ClassifierConfig(), overrides)))
-    return str(runs / "judge")
-
-
-@pytest.fixture(scope="module")
-def learnt(faces64, judge, tmp_path_factory) -> dict:  # noqa: F811
+def learnt(faces64, judge, tmp_path_factory) -> dict:
     """A DCGAN evaluated after 1 iteration, then continued to 150 with metrics every 75."""
     runs = tmp_path_factory.mktemp("learnt")
     common = ["model.width=32", "data.batch_size=16", "schedule.mosaic_every=50", "schedule.log_every=25", "eval.samples=200", f"eval.classifier={judge}"]
     train_loop_per_worker(to_dict(gan_config(faces64, str(runs), 1, *common)))
     first = evaluate_gan(str(runs / "g"), classifier=judge, samples=200)
     train_loop_per_worker(to_dict(gan_config(faces64, str(runs), 150, *common, "schedule.eval_every=75", "schedule.checkpoint_every=75")))
-    return {"run": str(runs / "g"), "first": first, "last": evaluate_gan(str(runs / "g"), classifier=judge, samples=200)}
+    return {"run": str(runs / "g"), "first": first, "last": evaluate_gan(str(runs / "g"), classifier=judge, samples=200, latest=True)}
 
 
-def test_gan_run_writes_mosaics_checkpoints_and_continues_at_its_iteration(faces64, tmp_path, capsys):  # noqa: F811
+def test_gan_run_writes_mosaics_checkpoints_and_continues_at_its_iteration(faces64, tmp_path, capsys):
     train_loop_per_worker(to_dict(gan_config(faces64, str(tmp_path), 6)))
     run_dir = tmp_path / "g"
     assert sorted(os.listdir(run_dir / "mosaics")) == ["contact-sheet.png", "iter-000003.png", "iter-000006.png"]
@@ -65,7 +55,7 @@ def test_gan_run_writes_mosaics_checkpoints_and_continues_at_its_iteration(faces
     assert mosaic.size == (6 * 64, 6 * 64)  # the study's 6x6 grid of 64 px faces
     state = load_state(str(run_dir / "checkpoint_000006"))
     assert state["iteration"] == 6 and state["image_size"] == 64 and state["fixed_latents"].shape == (36, 128)
-    assert {"G", "D", "ema", "opt_g", "opt_d", "rng", "config"} <= set(state)
+    assert {"G", "D", "ema", "opt_g", "opt_d", "config"} <= set(state) and "rng" not in set(state)  # streams come from (seed, rank, step)
     capsys.readouterr()
     train_loop_per_worker(to_dict(gan_config(faces64, str(tmp_path), 9)))
     assert "resuming from iteration 6" in capsys.readouterr().out
@@ -95,7 +85,7 @@ def test_fid_against_the_data_falls_as_the_gan_learns(learnt, judge):
 
 
 def test_evaluate_gan_and_generate_from_the_command_line(learnt, judge, tmp_path, capsys):
-    assert main(["evaluate-gan", learnt["run"], "--classifier", judge, "--samples", "60", "--json"]) == 0
+    assert main(["evaluate-gan", learnt["run"], "--latest", "--classifier", judge, "--samples", "60", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert {"fid", "kid", "feature_extractor", "attribute_rate", "data_attribute_rate", "samples"} <= set(result)
     assert result["samples"] == 60 and result["iteration"] == 150
@@ -116,7 +106,7 @@ def _train_split(data: str) -> list:
     return list(loader)
 
 
-def test_the_classifier_filter_keeps_exactly_the_faces_it_judges_positive(faces64, judge):  # noqa: F811
+def test_the_classifier_filter_keeps_exactly_the_faces_it_judges_positive(faces64, judge):
     classifier = TrainedClassifier.load(judge)
     batches = _train_split(faces64)
     # One face at a time: the truth the batched filter must reproduce.
@@ -130,7 +120,7 @@ def test_the_classifier_filter_keeps_exactly_the_faces_it_judges_positive(faces6
         next(judged_positive(batches, classifier, "", 0.5, 16))
 
 
-def test_the_gan_learns_from_exactly_the_faces_its_filters_select(faces64, judge):  # noqa: F811
+def test_the_gan_learns_from_exactly_the_faces_its_filters_select(faces64, judge):
     labels = {k: tuple(t.tolist()) for b in _train_split(faces64) for k, t in zip(b.keys, b.targets)}
     cfg = gan_config(faces64, "unused", 1, "data.where=Attractive=1,Male=0")
     chosen = reference_faces(cfg, 10**6, torch.device("cpu"))
@@ -174,17 +164,19 @@ def test_inception_weights_come_from_a_file_or_the_hub_cache_and_hostile_files_a
         pick_extractor(str(tmp_path / "absent.pth"), None, torch.device("cpu"))
 
 
-def test_two_worker_gan_on_ray_keeps_ranks_identical_and_writes_to_s3(faces64, s3, tmp_path):  # noqa: F811
-    result = run(gan_config(faces64, f"s3://{BUCKET}/gan-runs", 6, "name=ddp", "scale.num_workers=2"))
+def test_two_worker_gan_on_ray_evaluates_keeps_ranks_identical_and_writes_to_s3(faces64, judge, s3, tmp_path):
+    # Evaluation on: before, rank 0 alone computed FID and hung in torchmetrics' sync.
+    result = run(gan_config(faces64, f"s3://{BUCKET}/gan-runs", 6, "name=ddp", "scale.num_workers=2", "schedule.eval_every=3", "eval.samples=40",
+                            f"eval.classifier={judge}"))
     assert result.error is None
-    assert result.metrics["iteration"] == 6 and result.metrics["ranks_in_sync"] is True
+    assert result.metrics["iteration"] == 6 and result.metrics["ranks_in_sync"] is True and result.metrics["fid"] > 0
     run_uri = f"s3://{BUCKET}/gan-runs/ddp"
     assert {"iter-000003.png", "iter-000006.png", "contact-sheet.png"} <= set(storage.list_names(f"{run_uri}/mosaics"))
     assert main(["generate", run_uri, "--out", str(tmp_path / "grid.png")]) == 0  # straight from S3
     assert Image.open(tmp_path / "grid.png").size == (6 * 64, 6 * 64)
 
 
-def test_a_killed_gan_worker_is_replaced_and_the_run_finishes_at_its_iteration(faces64, tmp_path):  # noqa: F811
+def test_a_killed_gan_worker_is_replaced_and_the_run_finishes_at_its_iteration(faces64, tmp_path):
     iterations = 40
     cfg = gan_config(faces64, str(tmp_path), iterations, "name=killed", "scale.num_workers=2", "scale.max_failures=1",
                      "schedule.checkpoint_every=5", "schedule.mosaic_every=10")
@@ -206,9 +198,9 @@ def _sync_probe(rank: int, init_file: str, perturb: bool, out: str) -> None:
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.manual_seed(0)
-    nets = {key: torch.nn.Linear(3, 2) for key in ("G", "D", "ema")}
+    nets = [torch.nn.Linear(3, 2) for _ in ("G", "D", "ema")]
     if perturb and rank == 1:
-        nets["D"].bias.data[0] += 1e-6  # one weight of one rank, barely off
+        nets[1].bias.data[0] += 1e-6  # one weight of one rank, barely off
     with open(os.path.join(out, f"rank{rank}"), "w") as f:
         f.write(str(ranks_in_sync(nets, Session(rank, 2, torch.device("cpu"), False, out))))
     dist.destroy_process_group()
@@ -228,3 +220,32 @@ def test_bench_gan_measures_both_architectures(capsys):
     assert [(r["arch"], r["batch_size"]) for r in report["results"]] == [("paper", 2), ("dcgan", 2)]
     assert all(r["images_per_s"] > 0 and r["iterations_per_s"] > 0 for r in report["results"])
     assert report["image_size"] == 32 and report["device"]
+
+
+def test_zero_schedules_mean_at_the_last_iteration_only(faces64, tmp_path):
+    train_loop_per_worker(to_dict(gan_config(faces64, str(tmp_path), 4, "schedule.mosaic_every=0", "schedule.checkpoint_every=0", "schedule.log_every=0")))
+    run_dir = tmp_path / "g"
+    assert sorted(os.listdir(run_dir / "mosaics")) == ["contact-sheet.png", "iter-000004.png"]
+    assert sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint_")) == ["checkpoint_000004"]
+    assert [json.loads(line)["iteration"] for line in open(run_dir / "metrics.jsonl")] == [4]
+
+
+def test_a_continued_gan_takes_the_configs_learning_rates_and_betas(faces64, tmp_path, capsys):
+    train_loop_per_worker(to_dict(gan_config(faces64, str(tmp_path), 3)))
+    capsys.readouterr()
+    train_loop_per_worker(to_dict(gan_config(faces64, str(tmp_path), 6, "optim.lr_g=0.0001", "optim.beta2=0.99")))
+    out = capsys.readouterr().out
+    assert "G lr 0.0002 -> 0.0001" in out and "G betas (0, 0.9) -> (0, 0.99)" in out and "D betas (0, 0.9) -> (0, 0.99)" in out
+    state = load_state(str(tmp_path / "g" / "checkpoint_000006"))
+    assert [g["lr"] for g in state["opt_g"]["param_groups"]] == [0.0001] and [g["lr"] for g in state["opt_d"]["param_groups"]] == [0.0002]
+    assert tuple(state["opt_d"]["param_groups"][0]["betas"]) == (0.0, 0.99)
+
+
+def test_the_studys_gradient_clipping_is_keras_clipvalue():
+    """Keras' clipvalue=1.0 clips each gradient element; a norm clip would scale them all down."""
+    layer = torch.nn.Linear(3, 1, bias=False)
+    layer.weight.grad = torch.tensor([[3.0, 0.5, -2.0]])
+    clip_gradients(layer, 1.0)
+    assert layer.weight.grad.tolist() == [[1.0, 0.5, -1.0]]
+    clip_gradients(layer, 0.0)  # off
+    assert layer.weight.grad.tolist() == [[1.0, 0.5, -1.0]]

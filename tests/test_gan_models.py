@@ -18,6 +18,7 @@ from deeprecognition.models.gan import (
     d_loss,
     ema_copy,
     g_loss,
+    standing_statistics,
     to_tanh_range,
     to_uint8,
     update_ema,
@@ -246,3 +247,34 @@ def test_the_ema_warms_up_then_keeps_its_decay():
     assert ema_decay_at(0.999, 0) == 0.1  # the first update nearly copies G
     assert ema_decay_at(0.999, 90) == 0.91
     assert ema_decay_at(0.999, 100_000) == 0.999
+
+
+def test_standing_statistics_measure_batchnorm_for_the_ema_weights():
+    """The EMA generator's BatchNorm statistics were copied from G, measured under G's weights:
+    after standing_statistics its first BatchNorm normalises its own activations (mean ~0, std ~1
+    per channel on new latents, in eval mode), which the copied statistics do not."""
+    torch.manual_seed(0)
+    G = DCGANGenerator(latent=16, image_size=32, width=8)
+    with torch.no_grad():
+        for _ in range(40):  # G's running statistics, in train mode: its own activations
+            G(torch.randn(256, 16))
+    ema = ema_copy(G)
+    with torch.no_grad():
+        ema.net[0].weight.mul_(3.0)  # the EMA weights have moved away from G's
+    first_norm = ema.net[1]
+
+    def normalised_first_layer() -> torch.Tensor:
+        out = {}
+        # A copy: the in-place ReLU after it would zero the negative half.
+        handle = first_norm.register_forward_hook(lambda module, inputs, output: out.update(y=output.clone()))
+        with torch.no_grad():
+            ema.eval()(torch.randn(2048, 16, generator=torch.Generator().manual_seed(9)))
+        handle.remove()
+        return out["y"].transpose(0, 1).flatten(1)  # (C, N*H*W)
+
+    copied = normalised_first_layer()
+    assert copied.std(1).mean() > 1.5  # G's statistics, under weights three times as large
+    standing_statistics(ema, latent=16, samples=1024, batch_size=128)
+    assert not ema.training and first_norm.momentum == 0.1  # left as it was found, in eval mode
+    standing = normalised_first_layer()
+    assert standing.mean(1).abs().max() < 0.1 and (standing.std(1) - 1).abs().max() < 0.1

@@ -83,4 +83,4 @@ def test_a_smoke_sweep_submitted_with_ray_job_submit_reports_its_trial(head, pac
     logs = head.jobs_cli("logs", "tune-smoke").stdout
     assert "val/mean_accuracy" in logs
     [run] = list_runs(f"{storage_uri}/depth2")
-    assert run.best.metrics["epoch"] == 1  # the smoke trial's 2 epochs, checkpointed to S3
+    assert run.latest.metrics["epoch"] == 1  # the smoke trial's 2 epochs, checkpointed to S3

@@ -138,3 +138,14 @@ def test_refusals():
         AttributeMetrics.from_counts(NAMES, torch.zeros(14, dtype=torch.int64))
     with pytest.raises(ValueError, match="cannot merge"):
         metrics_of().merge(metrics_of(majority=None))
+
+
+def test_counts_live_on_the_given_device_before_any_update():
+    """A rank with no evaluation batch still all_reduces its counts, which NCCL wants on the rank's
+    GPU. The meta device stands in for CUDA here: the counts and the majority vector are created on
+    the device they are given, not moved there by a first update that may never come."""
+    metrics = AttributeMetrics(NAMES, MAJORITY, device=torch.device("meta"))
+    assert metrics.counts().device.type == "meta" and metrics.majority.device.type == "meta"
+    on_cpu = AttributeMetrics(NAMES, MAJORITY)
+    on_cpu.update(LOGITS, TARGETS)
+    assert on_cpu.counts().device.type == "cpu"

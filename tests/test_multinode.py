@@ -30,7 +30,7 @@ from deeprecognition.report import read_history
 from deeprecognition.shards.encode import ImageFormat
 from deeprecognition.shards.pack import PackOptions, pack
 
-from .conftest import BUCKET
+from .conftest import BUCKET, COLLECTIVE_TIMEOUT_S
 from .rayhead import _session_members
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "multinode.py")
@@ -46,13 +46,14 @@ def faces(ray_cluster, tmp_path_factory) -> str:
 
 def classifier(data: str, storage_uri: str, name: str, *overrides: str) -> ClassifierConfig:
     base = [f"data.data={data}", f"storage={storage_uri}", f"name={name}", "data.task=Male,Smiling", "data.batch_size=16",
-            "data.loader_workers=0", "model.layers=2", "scale.num_workers=2", "scale.max_failures=1"]
+            "data.loader_workers=0", "model.layers=2", "scale.num_workers=2", "scale.max_failures=1", f"scale.collective_timeout_s={COLLECTIVE_TIMEOUT_S}"]
     return apply_overrides(ClassifierConfig(), base + list(overrides))
 
 
 def gan(data: str, storage_uri: str, name: str, *overrides: str) -> GanConfig:
     base = [f"data.data={data}", f"storage={storage_uri}", f"name={name}", "data.batch_size=8", "data.where=", "data.loader_workers=0",
-            "model.width=16", "schedule.mosaic_every=1000", "schedule.log_every=1", "scale.num_workers=2", "scale.max_failures=1"]
+            "model.width=16", "schedule.mosaic_every=1000", "schedule.log_every=1", "scale.num_workers=2", "scale.max_failures=1",
+            f"scale.collective_timeout_s={COLLECTIVE_TIMEOUT_S}"]
     return apply_overrides(modern_dcgan(), base + list(overrides))
 
 

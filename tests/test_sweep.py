@@ -138,7 +138,8 @@ def test_asha_stops_a_weak_trial_early(packed, tmp_path):
     assert (by_lr[1e-3].status, by_lr[1e-3].progress) == ("finished", "3/3 epochs")
     assert (by_lr[10.0].status, by_lr[10.0].progress) == ("stopped", "1/3 epochs")
     assert result.best is by_lr[1e-3]
-    # The stopped trial's Train run really stopped: one epoch in its metrics log.
+    # The stopped trial's Train run really stopped before its 3 epochs (the stop reaches the workers
+    # a moment after the report: an epoch that short may be logged once more first).
     with open(os.path.join(result.path, "trials", by_lr[10.0].trial_id, "metrics.jsonl")) as f:
-        assert len(f.readlines()) == 1
+        assert len(f.readlines()) < 3
     assert os.path.exists(os.path.join(result.path, "results.png"))

@@ -1,5 +1,7 @@
 """`deeprec checkpoints list URI`: the runs and checkpoints under a storage URI, each checkpoint
-with its position, metrics and size, best first.
+with its position, metrics and size, best first; and the one ranking of checkpoints that every
+reader (`generate`, `evaluate`, `evaluate-gan`, `checkpoints pull --best`), the local session's
+pruning and resuming, and Ray's CheckpointConfig use.
 
 A checkpoint is any folder holding state.pt (checkpoint.write_checkpoint) and its run is the folder
 above it, so one recursive listing finds them all: a storage root of many runs, a sweep's nested
@@ -9,45 +11,20 @@ trial folders, one run, or one checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import posixpath
+import re
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from deeprecognition import storage
 from deeprecognition.checkpoint import CHECKSUMS, METRICS, STATE, incomplete_reason, read_checksums
+from deeprecognition.config import ClassifierConfig, GanConfig
 from deeprecognition.errors import InputError
 
-
-@dataclass(frozen=True)
-class Ranking:
-    """What orders checkpoints: one metric, and whether higher is better."""
-
-    metric: str
-    higher_is_better: bool
-
-    def key(self, metrics: dict[str, Any]) -> tuple[bool, float, float]:
-        """Larger is better. A checkpoint without the metric sorts after those with it; ties go
-        to the later one (the step or iteration it was written at)."""
-        value = metrics.get(self.metric)
-        later = float(metrics.get("iteration", metrics.get("step", 0)))
-        if not isinstance(value, (int, float)):
-            return (False, 0.0, later)
-        return (True, float(value) if self.higher_is_better else -float(value), later)
-
-
-# By preference: a GAN's FID once it is measured, a classifier's validation accuracy, else the
-# latest position (a GAN without FID yet: its later iterations are the better trained ones).
-RANKINGS = (
-    Ranking("fid", higher_is_better=False),
-    Ranking("val/mean_accuracy", higher_is_better=True),
-    Ranking("iteration", higher_is_better=True),
-    Ranking("epoch", higher_is_better=True),
-)
-
-
-def ranking_for(metrics: list[dict[str, Any]]) -> Ranking:
-    return next((r for r in RANKINGS if any(r.metric in m for m in metrics)), RANKINGS[-1])
+if TYPE_CHECKING:
+    from ray.train import CheckpointConfig
 
 
 @dataclass(frozen=True)
@@ -68,6 +45,97 @@ class CheckpointInfo:
             return f"epoch {m['epoch']} (step {m.get('step', '?')}{mid_epoch})"
         return "?"
 
+    def recency(self) -> tuple[float, tuple[int, ...]]:
+        """Larger is later: the step (both loops report it), else the iteration or epoch, then the
+        numbers in the name, compared as numbers (checkpoint_1000000 after checkpoint_999999,
+        which string order puts first; Ray's timestamped names order the same way)."""
+        step = next((self.metrics[k] for k in ("step", "iteration", "epoch") if _number(self.metrics.get(k)) is not None), -1)
+        return (float(step), tuple(int(digits) for digits in re.findall(r"\d+", self.name)))
+
+
+def _number(value: Any) -> float | None:
+    """A finite int or float as a float; None for anything else (absent, NaN, inf, text, bool)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """What orders a run's checkpoints: one metric and whether higher is better, or (metric None)
+    recency alone, the latest first."""
+
+    metric: str | None
+    higher_is_better: bool = True
+
+    @property
+    def name(self) -> str:
+        return self.metric or "latest"
+
+    def score(self, metrics: dict[str, Any]) -> float | None:
+        """The checkpoint's value of the metric; None where it was not measured (or is NaN/inf)."""
+        return _number(metrics.get(self.metric)) if self.metric else None
+
+    def key(self, checkpoint: CheckpointInfo) -> tuple[bool, float, tuple[float, tuple[int, ...]]]:
+        """Larger is better. A checkpoint without the metric is never better than one with it;
+        ties, and those without it among themselves, go to the later one."""
+        value = self.score(checkpoint.metrics)
+        signed = 0.0 if value is None else value if self.higher_is_better else -value
+        return (value is not None, signed, checkpoint.recency())
+
+
+FID = Ranking("fid", higher_is_better=False)
+VAL_ACCURACY = Ranking("val/mean_accuracy", higher_is_better=True)
+LATEST = Ranking(None)
+# By preference: a GAN's FID once any checkpoint of the run has it, a classifier's validation
+# accuracy, else the latest (a GAN without FID yet: its later iterations are the better trained).
+RANKINGS = (FID, VAL_ACCURACY, LATEST)
+
+
+def ranking_for(checkpoints: list[CheckpointInfo]) -> Ranking:
+    return next(r for r in RANKINGS if r is LATEST or any(r.score(c.metrics) is not None for c in checkpoints))
+
+
+def rank(checkpoints: list[CheckpointInfo]) -> tuple[Ranking, tuple[CheckpointInfo, ...]]:
+    """One run's checkpoints best first, and the ranking that ordered them."""
+    ranking = ranking_for(checkpoints)
+    return ranking, tuple(sorted(checkpoints, key=ranking.key, reverse=True))
+
+
+# Ray's score for the checkpoints of a GAN run with evaluation (checkpoint_score_attribute): the
+# FID negated, under "max". Ray scores a report without the attribute as -inf times the order
+# factor (_get_checkpoint_score in ray/train/_internal/checkpoint_manager.py, which Train V2's
+# CheckpointManager inherits and sorts every checkpoint by): under "min" a checkpoint without FID
+# would score +inf, the best of all, and push the best-FID checkpoint out of num_to_keep; under
+# "max" it scores -inf, the worst. Not measured is a finite sentinel rather than left out (Ray
+# logs an error for every report without the attribute) and rather than -inf: Ray keeps the
+# metrics in checkpoint_manager_snapshot.json through pydantic, which writes non-finite floats as
+# null, and a null score breaks the next checkpoint's ranking after a restore.
+RAY_SCORE = "rank/neg_fid"
+UNMEASURED = -1e30  # below every negated FID; ties among these go to the later report, as LATEST
+
+
+def with_ray_score(metrics: dict[str, Any]) -> dict[str, Any]:
+    """A GAN report's metrics plus RAY_SCORE: -FID where this report measured it, else UNMEASURED.
+    The GAN loop passes the metrics of every report that carries a checkpoint through this."""
+    fid = FID.score(metrics)
+    return {**metrics, RAY_SCORE: UNMEASURED if fid is None else -fid}
+
+
+def ray_checkpoint_config(cfg: ClassifierConfig | GanConfig) -> CheckpointConfig:
+    """Which checkpoints Ray keeps for a run: the best `scale.keep_checkpoints` by the ranking above,
+    plus the latest (Ray always keeps it). A checkpoint without the metric is never among the best:
+    a classifier's mid-epoch preemption checkpoint (no val/mean_accuracy) scores -inf under "max",
+    a GAN's checkpoint between evaluations UNMEASURED."""
+    from ray.train import CheckpointConfig
+
+    keep = cfg.scale.keep_checkpoints
+    if isinstance(cfg, ClassifierConfig):
+        return CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=VAL_ACCURACY.metric, checkpoint_score_order="max")
+    if cfg.schedule.eval_every:
+        return CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=RAY_SCORE, checkpoint_score_order="max")
+    return CheckpointConfig(num_to_keep=keep)  # never an FID: by recency, as LATEST
+
 
 @dataclass(frozen=True)
 class RunInfo:
@@ -81,6 +149,10 @@ class RunInfo:
     @property
     def best(self) -> CheckpointInfo:
         return self.checkpoints[0]
+
+    @property
+    def latest(self) -> CheckpointInfo:
+        return max(self.checkpoints, key=CheckpointInfo.recency)
 
 
 def _hidden(rel: str) -> bool:
@@ -133,15 +205,13 @@ def list_runs(uri: str) -> list[RunInfo]:
     for run in sorted({posixpath.dirname(f) for f in folders}):
         inside = [f for f in folders if posixpath.dirname(f) == run]
         partial = tuple((posixpath.basename(f), why) for f, why in sorted(incomplete.items()) if posixpath.dirname(f) == run)
-        ranking = ranking_for([metrics[f] for f in inside])
-        checkpoints = [
+        ranking, checkpoints = rank([
             CheckpointInfo(run, posixpath.basename(f) or posixpath.basename(uri.rstrip("/")), _uri(uri, f), _size(objects, f), metrics[f])
             for f in inside
-        ]
-        checkpoints.sort(key=lambda c: (ranking.key(c.metrics), c.name), reverse=True)
+        ])
         name = run or posixpath.basename(uri.rstrip("/"))
-        runs.append(RunInfo(name, _uri(uri, run), _size(objects, run), ranking, tuple(checkpoints), partial))
-    runs.sort(key=lambda r: r.ranking.key(r.best.metrics), reverse=True)
+        runs.append(RunInfo(name, _uri(uri, run), _size(objects, run), ranking, checkpoints, partial))
+    runs.sort(key=lambda r: r.ranking.key(r.best), reverse=True)
     runs.sort(key=lambda r: RANKINGS.index(r.ranking))
     return runs
 
@@ -151,13 +221,32 @@ def _size(objects: dict[str, storage.ObjectInfo], folder: str) -> int:
     return sum(o.size for rel, o in objects.items() if rel.startswith(prefix))
 
 
-def best(uri: str) -> CheckpointInfo:
-    """The best checkpoint under `uri`, across its runs when they are ranked by the same metric."""
+def best(uri: str, latest: bool = False) -> CheckpointInfo:
+    """The best checkpoint under `uri`, across its runs when they are ranked by the same metric;
+    with `latest`, the latest checkpoint of the one run there."""
     runs = list_runs(uri)
-    rankings = {r.ranking.metric for r in runs}
+    if latest:
+        if len(runs) > 1:
+            raise InputError(uri, f"holds {len(runs)} runs ({', '.join(r.name for r in runs)}): give one run's URI for its latest checkpoint")
+        return runs[0].latest
+    rankings = {r.ranking.name for r in runs}
     if len(rankings) > 1:
         raise InputError(uri, f"its runs are ranked by different metrics ({', '.join(sorted(rankings))}): give one run's URI")
-    return max((r.best for r in runs), key=lambda c: runs[0].ranking.key(c.metrics))
+    return max((r.best for r in runs), key=runs[0].ranking.key)
+
+
+def best_checkpoint(uri: str, latest: bool = False) -> str:
+    """The folder a reader loads: `uri` itself when it is a checkpoint folder, else the best (or
+    with `latest` the latest) checkpoint under it."""
+    return uri if storage.exists(storage.join(uri, STATE)) else best(uri, latest).uri
+
+
+def run_at(uri: str) -> RunInfo:
+    """The run whose checkpoints lie directly in the folder `uri` (not those of runs below it)."""
+    for run in list_runs(uri):
+        if run.uri == uri.rstrip("/"):
+            return run
+    raise InputError(uri, "holds no checkpoints of its own, only runs below it: give one of those")
 
 
 def find(uri: str, name: str) -> CheckpointInfo:
@@ -179,6 +268,8 @@ def human_bytes(n: float) -> str:
 
 
 def _score(c: CheckpointInfo, ranking: Ranking) -> str:
+    if ranking.metric is None:
+        return ""  # the position column says it all
     value = c.metrics.get(ranking.metric)
     shown = f"{value:.4g}" if isinstance(value, float) else "-" if value is None else str(value)
     return f"{ranking.metric}={shown}"
@@ -188,8 +279,8 @@ def format_runs(runs: list[RunInfo]) -> str:
     """A table per run, its checkpoints best first."""
     lines = []
     for r in runs:
-        order = "higher" if r.ranking.higher_is_better else "lower"
-        lines.append(f"{r.name}  {r.uri}  {len(r.checkpoints)} checkpoint(s), {human_bytes(r.bytes)}, ranked by {r.ranking.metric} ({order} is better)")
+        order = "the latest first" if r.ranking.metric is None else f"{'higher' if r.ranking.higher_is_better else 'lower'} is better"
+        lines.append(f"{r.name}  {r.uri}  {len(r.checkpoints)} checkpoint(s), {human_bytes(r.bytes)}, ranked by {r.ranking.name} ({order})")
         for i, c in enumerate(r.checkpoints):
             lines.append(f"  {'*' if i == 0 else ' '} {c.name:<40} {c.position():<22} {_score(c, r.ranking):<32} {human_bytes(c.bytes):>9}")
         lines += [f"  ! {name:<40} incomplete, not listed: {why}" for name, why in r.incomplete]
@@ -199,7 +290,7 @@ def format_runs(runs: list[RunInfo]) -> str:
 def runs_json(runs: list[RunInfo]) -> list[dict[str, Any]]:
     return [
         {
-            "run": r.name, "uri": r.uri, "bytes": r.bytes, "ranked_by": r.ranking.metric, "higher_is_better": r.ranking.higher_is_better,
+            "run": r.name, "uri": r.uri, "bytes": r.bytes, "ranked_by": r.ranking.name, "higher_is_better": r.ranking.higher_is_better,
             "checkpoints": [{"name": c.name, "uri": c.uri, "bytes": c.bytes, "metrics": c.metrics} for c in r.checkpoints],
             "incomplete": [{"name": name, "why": why} for name, why in r.incomplete],
         }

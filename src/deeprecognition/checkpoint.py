@@ -10,7 +10,6 @@ import hashlib
 import io
 import json
 import os
-import random
 from typing import Any
 
 import torch
@@ -25,20 +24,6 @@ METRICS = "metrics.json"
 # checkpoints pull` checks the bytes it receives against what the trainer wrote, which S3's ETags
 # cannot tell (Ray's pyarrow uploads are multipart, whose ETag is not a digest of the object).
 CHECKSUMS = "checksums.json"
-
-
-def rng_state() -> dict[str, Any]:
-    state: dict[str, Any] = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def restore_rng(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), None))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def write_checkpoint(folder: str, state: dict[str, Any], metrics: dict[str, Any]) -> None:
@@ -90,26 +75,6 @@ def file_digest(path: str, algorithm: str = "sha256") -> str:
         while block := f.read(8 << 20):
             digest.update(block)
     return digest.hexdigest()
-
-
-def best_checkpoint(uri: str, metric: str = "val/mean_accuracy") -> str:
-    """A checkpoint folder as given, or a run folder's checkpoint with the best metric."""
-    if storage.exists(storage.join(uri, STATE)):
-        return uri
-    scored, skipped = [], []
-    for name in storage.list_folders(uri):
-        folder = storage.join(uri, name)
-        if name.startswith("checkpoint_") and storage.exists(storage.join(folder, METRICS)):
-            why = incomplete_reason(storage.list_sizes(folder), read_checksums(folder))
-            if why is None:  # never half an upload
-                scored.append((json.loads(storage.read_bytes(storage.join(folder, METRICS))).get(metric, float("-inf")), name))
-            else:
-                skipped.append(f"{name}: {why}")
-    if not scored:
-        if skipped:
-            raise InputError(uri, f"has no complete checkpoint ({'; '.join(skipped[:3])}): give a checkpoint folder, or a run with a finished one")
-        raise InputError(uri, "holds neither state.pt nor checkpoint_* folders: give a checkpoint or a run folder")
-    return storage.join(uri, max(scored)[1])
 
 
 def load_state(checkpoint: str) -> dict[str, Any]:

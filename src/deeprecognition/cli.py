@@ -8,7 +8,7 @@ import json
 import logging
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from deeprecognition.errors import DeepRecError
 
@@ -71,8 +71,11 @@ def _stats(args: argparse.Namespace) -> int:
     from deeprecognition.shards.stats import dataset_stats, format_table, stats_json
 
     stats = dataset_stats(args.data, plot=args.plot)
-    print(json.dumps(stats_json(stats), indent=1) if args.json else format_table(stats))
-    if args.plot and not args.json:
+    if args.json:
+        _print_json(args, stats_json(stats), indent=1)
+        return 0
+    print(format_table(stats))
+    if args.plot:
         print(f"plot written to {args.plot}")
     return 0
 
@@ -92,7 +95,7 @@ def _bench(args: argparse.Namespace) -> int:
     else:
         result = bench_pack(args.data, limit=args.limit)
     if args.json:
-        print(json.dumps(result))
+        _print_json(args, result)
     else:
         for key, value in result.items():
             print(f"{key:>28}: {value}")
@@ -100,7 +103,7 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 # Flag -> config field: each flag given on the command line becomes one checked override.
-_TRAIN_FLAGS = {
+CLASSIFIER_FLAGS = {
     "data": "data.data", "task": "data.task", "batch_size": "data.batch_size", "model": "model.name",
     "layers": "model.layers", "freeze": "model.freeze", "weights": "model.weights", "epochs": "optim.epochs",
     "lr": "optim.lr", "steps_per_epoch": "optim.steps_per_epoch", "num_workers": "scale.num_workers",
@@ -113,8 +116,14 @@ def classifier_config(args: argparse.Namespace):
     from deeprecognition.config import ClassifierConfig, apply_overrides, preset
 
     cfg = preset(args.preset) if args.preset else ClassifierConfig()
-    flags = [f"{field}={getattr(args, flag)}" for flag, field in _TRAIN_FLAGS.items() if getattr(args, flag) not in (None, False)]
-    return apply_overrides(cfg, flags + list(args.set)).validate()
+    return apply_overrides(cfg, given_flags(args, CLASSIFIER_FLAGS) + list(args.set)).validate()
+
+
+def given_flags(args: argparse.Namespace, fields: dict[str, str]) -> list[str]:
+    """FIELD=VALUE for each flag on the command line. An absent option is None and an absent switch
+    False; 0 is a value (`0 in (None, False)` is true, so a membership test would drop it), and
+    whether the config accepts it is for its validate() to say."""
+    return [f"{field}={value}" for flag, field in fields.items() if (value := getattr(args, flag)) is not None and value is not False]
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -146,7 +155,7 @@ def failure_summary(err: Exception) -> str:
     return "; ".join(lines) or str(err).strip().splitlines()[-1]
 
 
-_GAN_FLAGS = {
+GAN_FLAGS = {
     "data": "data.data", "where": "data.where", "arch": "model.arch", "loss": "model.loss", "latent": "model.latent",
     "iterations": "optim.iterations", "batch_size": "data.batch_size", "mosaic_every": "schedule.mosaic_every",
     "checkpoint_every": "schedule.checkpoint_every", "num_workers": "scale.num_workers", "gpu": "scale.gpu",
@@ -161,8 +170,7 @@ def gan_config(args: argparse.Namespace):
 
     if args.preset not in GAN_PRESETS:
         raise ValueError(f"unknown GAN preset {args.preset!r}; presets: {', '.join(GAN_PRESETS)}")
-    flags = [f"{field}={getattr(args, flag)}" for flag, field in _GAN_FLAGS.items() if getattr(args, flag) not in (None, False)]
-    return apply_overrides(GAN_PRESETS[args.preset](), flags + list(args.set)).validate()
+    return apply_overrides(GAN_PRESETS[args.preset](), given_flags(args, GAN_FLAGS) + list(args.set)).validate()
 
 
 def _add_train_gan(sub: argparse._SubParsersAction) -> None:
@@ -225,7 +233,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
     result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split)
     if args.json:
-        print(json.dumps({k: v for k, v in result.items() if k != "metrics"}))
+        _print_json(args, {k: v for k, v in result.items() if k != "metrics"})
     else:
         print(format_report(result["metrics"], f"{result['task']} on {args.split} ({result['samples']} images), {result['checkpoint']}"))
     return 0
@@ -234,7 +242,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from deeprecognition.generate import generate_grid
 
-    gan = generate_grid(args.checkpoint, args.out, n=args.n, seed=args.seed, ema=False if args.no_ema else None)
+    gan = generate_grid(args.checkpoint, args.out, n=args.n, seed=args.seed, ema=False if args.no_ema else None, latest=args.latest)
     print(f"{args.n} faces from {gan.checkpoint} (iteration {gan.iteration}) written to {args.out}")
     return 0
 
@@ -243,9 +251,9 @@ def _evaluate_gan(args: argparse.Namespace) -> int:
     from deeprecognition.gan_eval import evaluate_gan
 
     result = evaluate_gan(args.checkpoint, data=args.data or "", classifier=args.classifier or "", inception_weights=args.inception_weights or "",
-                          samples=args.samples, seed=args.seed, ema=False if args.no_ema else None)
+                          samples=args.samples, seed=args.seed, ema=False if args.no_ema else None, latest=args.latest)
     if args.json:
-        print(json.dumps(result))
+        _print_json(args, result)
         return 0
     print(f"{result['checkpoint']} (iteration {result['iteration']}): {result['samples']} generated vs {result['real_samples']} real faces (where {result['where'] or 'all'})")
     print(f"features: {result['feature_extractor']}")
@@ -255,6 +263,13 @@ def _evaluate_gan(args: argparse.Namespace) -> int:
         for name, rate in result["attribute_rate"].items():
             print(f"{name:<22}{rate:>10.3f}{result['data_attribute_rate'][name]:>8.3f}")
     return 0
+
+
+def _add_gan_checkpoint(p: argparse.ArgumentParser) -> None:
+    """What `generate` and `evaluate-gan` load: a checkpoint, or a run's best unless --latest."""
+    p.add_argument("checkpoint", help="a GAN checkpoint folder, or a run folder: its best checkpoint (the lowest FID once measured, "
+                                      "else the latest), local or s3://")
+    p.add_argument("--latest", action="store_true", help="a run folder's latest checkpoint instead of its best")
 
 
 def _curves(args: argparse.Namespace) -> int:
@@ -274,7 +289,10 @@ def _checkpoints_list(args: argparse.Namespace) -> int:
     from deeprecognition.catalog import format_runs, list_runs, runs_json
 
     runs = list_runs(args.uri)
-    print(json.dumps(runs_json(runs), indent=1) if args.json else format_runs(runs))
+    if args.json:
+        _print_json(args, runs_json(runs), indent=1)
+    else:
+        print(format_runs(runs))
     return 0
 
 
@@ -317,11 +335,9 @@ def _tune(args: argparse.Namespace) -> int:
 
     options = SweepOptions(file=args.file, data=args.data, storage=args.storage, name=args.name, num_samples=args.num_samples,
                            resume=args.resume, smoke=args.smoke, overrides=tuple(args.set))
-    # Tune prints its progress on stdout: with --json it goes to stderr, so stdout is the JSON alone.
-    with contextlib.redirect_stdout(sys.stderr) if args.json else contextlib.nullcontext():
-        result = run_sweep(options)
+    result = run_sweep(options)  # with --json, main() sends Tune's progress (on stdout) to stderr
     if args.json:
-        print(json.dumps(result.to_json()))
+        _print_json(args, result.to_json())
     else:
         print(format_table(result))
         print(f"results.csv, results.png and each trial's run (trials/<trial id>/) are in {result.path}")
@@ -405,7 +421,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_curves)
 
     p = sub.add_parser("generate", help="faces from a trained GAN as a grid PNG")
-    p.add_argument("checkpoint", help="a GAN checkpoint folder or a run folder (its latest checkpoint), local or s3://")
+    _add_gan_checkpoint(p)
     p.add_argument("--n", type=int, default=36, help="faces [36: a 6x6 grid]")
     p.add_argument("--out", required=True, help="PNG to write (local or s3://)")
     p.add_argument("--seed", type=int, default=0, help="latent seed: the same seed gives the same faces")
@@ -414,7 +430,7 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_generate)
 
     p = sub.add_parser("evaluate-gan", help="FID/KID of a GAN checkpoint and the attribute rates of its faces")
-    p.add_argument("checkpoint", help="a GAN checkpoint folder or a run folder (its latest checkpoint), local or s3://")
+    _add_gan_checkpoint(p)
     p.add_argument("--data", help="packed dataset of the real faces [the run's own]")
     p.add_argument("--classifier", metavar="CKPT", help="trained classifier: attribute rates, and FID features without Inception")
     p.add_argument("--inception-weights", metavar="PATH", help="FID Inception weights (else the torch hub cache, else the classifier)")
@@ -446,6 +462,43 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _print_json(args: argparse.Namespace, document: object, indent: int | None = None) -> None:
+    """A --json command's document, kept for main() to print once stdout is stdout again."""
+    args.document = json.dumps(document, indent=indent)
+
+
+def _run_for_json(run: Callable[[argparse.Namespace], int], args: argparse.Namespace) -> int:
+    """Run a --json command so that its stdout is its document alone: while it runs, whatever is
+    bound for stdout (Tune's progress, the worker lines Ray forwards) goes to stderr; the Ray it
+    started is shut down, which prints the lines Ray was holding back as `[repeated Nx across
+    cluster]`; only then is the document printed."""
+    from deeprecognition.raycluster import shutdown_ray_started_inside
+
+    args.document = None
+    with _stdout_to_stderr(), shutdown_ray_started_inside():
+        code = run(args)
+    if args.document is not None:
+        print(args.document)
+    return code
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr() -> Iterator[None]:
+    """sys.stdout, and file descriptor 1 under it (what C and C++ code write to, and what the
+    processes Ray starts inherit under RAY_LOG_TO_STDERR=1), both lead to stderr until the block
+    ends. Whatever sys.stdout is on entry (pytest's capsys replaces it) is sys.stdout again after."""
+    sys.stdout.flush()
+    real_stdout_fd = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            yield
+    finally:
+        sys.__stdout__.flush()  # what was written to the process's own stdout object in the block goes to stderr too
+        os.dup2(real_stdout_fd, 1)
+        os.close(real_stdout_fd)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # -v: this package's debug messages, others' from INFO up. Debug logs of botocore and urllib3
@@ -459,7 +512,7 @@ def main(argv: list[str] | None = None) -> int:
         set_endpoint_url(args.endpoint_url)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
-        return run(args)
+        return _run_for_json(run, args) if getattr(args, "json", False) else run(args)
     except (DeepRecError, ValueError) as err:
         print(f"deeprec {args.command}: error: {err}", file=sys.stderr)
         return 2

@@ -6,6 +6,7 @@ the first line of the worker loop (`from_dict`), so a typo fails on the driver, 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import types
 import typing
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from deeprecognition.celeba.attributes import CELEBA_ATTRIBUTES, attribute_index
+from deeprecognition.shards.sampling import SAMPLING
 
 T = TypeVar("T")
 
@@ -37,14 +39,19 @@ def task_attributes(task: str) -> tuple[str, ...]:
     return names
 
 
-def check_fields(choices: tuple[tuple[str, str, tuple[str, ...]], ...], positives: tuple[tuple[str, int], ...]) -> None:
-    """Refuse, by dotted field name, a value outside its choices or a count below 1."""
+def check_fields(choices: tuple[tuple[str, str, tuple[str, ...]], ...], positives: tuple[tuple[str, float | None], ...],
+                 non_negatives: tuple[tuple[str, float], ...] = ()) -> None:
+    """Refuse, by dotted field name, a value outside its choices, a count or rate that must be
+    positive and is not (None passes: "not set"), or a negative one where 0 means "off"."""
     for name, value, allowed in choices:
         if value not in allowed:
             raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
     for name, count in positives:
-        if count < 1:
-            raise ValueError(f"{name} must be at least 1, got {count}")
+        if count is not None and count <= 0:
+            raise ValueError(f"{name} must be positive, got {count}")
+    for name, count in non_negatives:
+        if count < 0:
+            raise ValueError(f"{name} must be 0 (off) or more, got {count}")
 
 
 @dataclass(kw_only=True)
@@ -64,7 +71,9 @@ class DataConfig:
     task: str = "attractive"  # attractive | paper4 | all40 | comma list of attributes
     batch_size: int = 64  # per worker
     loader_workers: int = 2  # DataLoader processes per training worker
-    shuffle_buffer: int = 2000
+    # epoch: each epoch a seeded permutation of the train split, every image once (a few repeats
+    # even out the ranks); resample: shards drawn with replacement (~64% of images per epoch)
+    sampling: str = "epoch"
 
 
 @dataclass(kw_only=True)
@@ -87,6 +96,16 @@ class ScaleConfig:
     # Steps (classifier) or iterations (GAN) between checks for a node drain (a preemption notice),
     # each a Ray collective of ~1-7 ms; 0: never check. README "Reliability" has the arithmetic.
     preemption_check_every: int = 50
+    # A rank that waits longer than this in one collective fails the run instead of hanging it
+    # (a rank that died, or ranks that disagree on which collective comes next).
+    collective_timeout_s: int = 1800
+
+    def positives(self) -> tuple[tuple[str, float | None], ...]:
+        return (("scale.num_workers", self.num_workers), ("scale.elastic_min", self.elastic_min), ("scale.keep_checkpoints", self.keep_checkpoints),
+                ("scale.collective_timeout_s", self.collective_timeout_s))
+
+    def non_negatives(self) -> tuple[tuple[str, float], ...]:
+        return (("scale.max_failures", self.max_failures), ("scale.preemption_check_every", self.preemption_check_every))
 
 
 @dataclass(kw_only=True)
@@ -109,8 +128,11 @@ class ClassifierConfig:
         if not 1 <= self.model.layers <= 4:
             raise ValueError(f"model.layers must be 1..4 (the study's conv blocks), got {self.model.layers}")
         check_fields(
-            choices=(("model.freeze", self.model.freeze, ("all", "none", "paper")),),
-            positives=(("optim.epochs", self.optim.epochs), ("data.batch_size", self.data.batch_size), ("scale.num_workers", self.scale.num_workers)),
+            choices=(("model.freeze", self.model.freeze, ("all", "none", "paper")), ("data.sampling", self.data.sampling, SAMPLING)),
+            positives=(("optim.epochs", self.optim.epochs), ("optim.lr", self.optim.lr), ("optim.steps_per_epoch", self.optim.steps_per_epoch),
+                       ("data.batch_size", self.data.batch_size), ("model.dense", self.model.dense), ("model.head_width", self.model.head_width),
+                       *self.scale.positives()),
+            non_negatives=(("optim.weight_decay", self.optim.weight_decay), ("data.loader_workers", self.data.loader_workers), *self.scale.non_negatives()),
         )
         return self
 
@@ -210,6 +232,23 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     return cls(**kwargs)
 
 
+# Fields that configs of older checkpoints may hold and this release no longer has (the loader's
+# shuffle buffer went with epoch permutations): dropped when such a checkpoint is loaded.
+RETIRED_FIELDS = ("data.shuffle_buffer",)
+
+
+def from_checkpoint(cls: type[T], data: dict[str, Any]) -> T:
+    """A checkpoint's config: from_dict, less the retired fields an older release wrote."""
+    data = copy.deepcopy(data)
+    for dotted in RETIRED_FIELDS:
+        *parents, leaf = dotted.split(".")
+        node = data
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+    return from_dict(cls, data)
+
+
 def apply_overrides(cfg: T, overrides: list[str]) -> T:
     """["model.layers=4", "optim.lr=3e-4"] applied to a copy of cfg, each checked by field type."""
     data = to_dict(cfg)
@@ -247,7 +286,7 @@ class GanDataConfig:
     where: str = "Attractive=1"  # the study trained on "Attractive" faces only
     batch_size: int = 16  # per worker
     loader_workers: int = 2
-    shuffle_buffer: int = 2000
+    sampling: str = "epoch"  # as DataConfig.sampling
     # The study's "a network decides which faces are attractive": keep the real faces that this
     # trained classifier (checkpoint or run folder) scores >= threshold on classifier_attribute.
     where_classifier: str = ""
@@ -263,17 +302,19 @@ class GanOptimConfig:
     lr_d: float = 1e-4
     beta1: float = 0.5  # adam
     beta2: float = 0.999  # adam
-    clip: float = 1.0  # gradient-norm clip (the study's clipvalue); 0 = off
+    clip: float = 1.0  # element-wise gradient clip, Keras' clipvalue (the study's 1.0); 0 = off
     label_noise: float = 0.05
     seed: int = 0
 
 
 @dataclass(kw_only=True)
 class GanScheduleConfig:
+    # Every N iterations; 0 = only at the last iteration (mosaics, checkpoints, log lines) or never
+    # (evaluation). Preemption notices checkpoint whatever these say.
     mosaic_every: int = 50
     checkpoint_every: int = 200
     log_every: int = 10
-    eval_every: int = 0  # FID/KID and attribute rates every N iterations; 0 = off
+    eval_every: int = 0  # FID/KID and attribute rates
 
 
 @dataclass(kw_only=True)
@@ -298,11 +339,18 @@ class GanConfig:
         from deeprecognition.shards.loader import parse_where
 
         parse_where(self.data.where)
+        sched, optim = self.schedule, self.optim
         check_fields(
-            choices=(("model.arch", self.model.arch, ("paper", "dcgan")), ("model.loss", self.model.loss, ("bce", "hinge")), ("optim.optimizer", self.optim.optimizer, ("rmsprop", "adam"))),
-            positives=(("optim.iterations", self.optim.iterations), ("data.batch_size", self.data.batch_size), ("model.latent", self.model.latent),
-                       ("model.width", self.model.width), ("eval.samples", self.eval.samples)),
+            choices=(("model.arch", self.model.arch, ("paper", "dcgan")), ("model.loss", self.model.loss, ("bce", "hinge")),
+                     ("optim.optimizer", optim.optimizer, ("rmsprop", "adam")), ("data.sampling", self.data.sampling, SAMPLING)),
+            positives=(("optim.iterations", optim.iterations), ("optim.lr_g", optim.lr_g), ("optim.lr_d", optim.lr_d), ("data.batch_size", self.data.batch_size),
+                       ("model.latent", self.model.latent), ("model.width", self.model.width), ("eval.samples", self.eval.samples), *self.scale.positives()),
+            non_negatives=(("schedule.mosaic_every", sched.mosaic_every), ("schedule.checkpoint_every", sched.checkpoint_every), ("schedule.log_every", sched.log_every),
+                           ("schedule.eval_every", sched.eval_every), ("optim.clip", optim.clip), ("optim.label_noise", optim.label_noise),
+                           ("data.loader_workers", self.data.loader_workers), *self.scale.non_negatives()),
         )
+        if self.eval.samples < 2:
+            raise ValueError(f"eval.samples must be at least 2 (FID needs a covariance), got {self.eval.samples}")
         if not 0 < self.data.threshold < 1:
             raise ValueError(f"data.threshold must be between 0 and 1, got {self.data.threshold}")
         if self.schedule.eval_every and not (self.eval.classifier or self.eval.inception_weights):

@@ -22,7 +22,9 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "test", batch_s
     if manifest.image.size != classifier.image_size:
         raise InputError(data, f"holds {manifest.image.size} px images; {folder} was trained on {classifier.image_size} px: evaluate on a dataset packed at that size")
     loader = make_loader(LoaderConfig(data=data, split=split, targets=attributes, training=False, batch_size=batch_size, num_workers=2), rank=0, world_size=1)
-    result = evaluate(classifier.model, classifier.norm, loader, attributes, majority_of(manifest, attributes), device)
+    # The floor belongs to the model: its own training split's majority answer, whatever DATA holds.
+    majority = classifier.majority if classifier.majority is not None else majority_of(manifest, attributes)
+    result = evaluate(classifier.model, classifier.norm, loader, attributes, majority, device)
     return {
         "task": cfg.data.task,
         "checkpoint": folder,

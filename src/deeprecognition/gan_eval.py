@@ -1,5 +1,7 @@
-"""GAN metrics: FID and KID (torchmetrics) with a pluggable feature extractor, and the share of
-generated faces a trained classifier assigns to each attribute next to the same share in the data.
+"""GAN metrics: FID and KID with a pluggable feature extractor, and the share of generated faces a
+trained classifier assigns to each attribute next to the same share in the data; computed by
+every rank of a run together (torchmetrics' own metrics would sync inside compute(), a collective
+that only the evaluating rank would join).
 
 Features: the FID Inception network when its weights are at hand (`--inception-weights`, or
 torch-fidelity's file in the torch hub cache; nothing is downloaded), else the penultimate layer of
@@ -11,7 +13,6 @@ from __future__ import annotations
 
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,18 +20,27 @@ import torch
 from torch import Tensor, nn
 
 from deeprecognition import storage
+from deeprecognition.distributed import all_gather_rows, all_sum, world
 from deeprecognition.errors import InputError
+from deeprecognition.generate import draw_faces
+from deeprecognition.loops.gan_data import RealShare, reference_faces
+from deeprecognition.shards.sampling import part_bounds
 from deeprecognition.trained import TrainedClassifier
 
 # The FID Inception weights torch-fidelity (and torchmetrics) would download.
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 NOT_COMPARABLE = "not comparable with published FID"
+# The latents of every evaluation of a run, during training and by `deeprec evaluate-gan`: metrics
+# move with the model only, and a logged FID can be reproduced from its checkpoint.
+EVAL_SEED = 1234
 
 
 @dataclass
 class FeatureExtractor:
     name: str  # how every output labels the metric
-    features: Any  # uint8 (B, 3, H, W) -> (B, F) float
+    features: Any  # uint8 (B, 3, H, W) -> (B, F) float on `device`
+    dim: int  # F
+    device: torch.device
 
 
 def cached_inception_weights() -> str:
@@ -59,12 +69,12 @@ def inception_extractor(weights: str, device: torch.device) -> FeatureExtractor:
     except Exception as err:  # noqa: BLE001 - the unpickler's refusal comes in several types
         raise InputError(weights, f"refused: not a plain-data weights file ({type(err).__name__})") from None
     net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=path).to(device)
-    return FeatureExtractor("inception-v3 pool3 (FID weights)", lambda images: net(images.to(device)).float())
+    return FeatureExtractor("inception-v3 pool3 (FID weights)", lambda images: net(images.to(device)).float(), 2048, device)
 
 
 def classifier_extractor(classifier: TrainedClassifier) -> FeatureExtractor:
     name = f"classifier penultimate layer ({classifier.checkpoint}); {NOT_COMPARABLE}"
-    return FeatureExtractor(name, classifier.penultimate)
+    return FeatureExtractor(name, classifier.penultimate, classifier.penultimate_dim, classifier.device)
 
 
 def pick_extractor(inception_weights: str, classifier: TrainedClassifier | None, device: torch.device) -> FeatureExtractor:
@@ -76,91 +86,114 @@ def pick_extractor(inception_weights: str, classifier: TrainedClassifier | None,
     return classifier_extractor(classifier)
 
 
-class _Precomputed(nn.Module):
-    """torchmetrics' feature slot for features we extracted already: each image's features are
-    computed once and feed both FID and KID."""
-
-    def __init__(self, num_features: int) -> None:
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, features: Tensor) -> Tensor:
-        return features
+def frechet_distance(real: Tensor, fake: Tensor) -> float:
+    """FID between two sets of features (N, F): |mu_r - mu_f|^2 + tr(S_r + S_f - 2 (S_r S_f)^(1/2)),
+    the trace of the square root from the eigenvalues of S_r S_f, as torchmetrics computes it."""
+    (mu_r, cov_r), (mu_f, cov_f) = _moments(real), _moments(fake)
+    root_trace = torch.linalg.eigvals(cov_r @ cov_f).sqrt().real.sum()
+    return float((mu_r - mu_f).square().sum() + cov_r.trace() + cov_f.trace() - 2 * root_trace)
 
 
-def _rates(classifier: TrainedClassifier, images: Tensor, batch_size: int = 250) -> dict[str, float]:
-    positive = torch.cat([(classifier.probabilities(chunk) >= 0.5).float().cpu() for chunk in images.split(batch_size)])
-    return dict(zip(classifier.attributes, positive.mean(0).tolist(), strict=True))
+def _moments(features: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
+    """Mean and sample covariance in float64, a chunk at a time (50k x 2048 would be 800 MB at once)."""
+    mean = features.double().mean(0)
+    cov = torch.zeros((features.shape[1],) * 2, dtype=torch.float64, device=features.device)
+    for part in features.split(chunk):
+        centred = part.double() - mean
+        cov += centred.T @ centred
+    return mean, cov / (len(features) - 1)
+
+
+def kernel_distance(real: Tensor, fake: Tensor, subsets: int = 50, seed: int = 0) -> tuple[float, float]:
+    """KID (mean, std) over `subsets` random subsets of half the smaller side (at most 1000), drawn
+    from a generator of its own: the training RNG never moves. The subsets are shared out among
+    the ranks (each rank holds every feature) and their scores summed."""
+    from torchmetrics.image.kid import poly_mmd
+
+    size = min(1000, max(2, min(len(real), len(fake)) // 2))
+    draw = torch.Generator().manual_seed(seed)
+    picks = [(torch.randperm(len(real), generator=draw)[:size], torch.randperm(len(fake), generator=draw)[:size]) for _ in range(subsets)]
+    rank, ranks = world()
+    scores = torch.zeros(subsets, dtype=torch.float64, device=real.device)
+    for i in range(rank, subsets, ranks):
+        r, f = picks[i]
+        scores[i] = poly_mmd(real[r.to(real.device)].double(), fake[f.to(fake.device)].double())
+    scores = all_sum(scores)
+    return float(scores.mean()), float(scores.std(unbiased=False))
 
 
 class GanEvaluator:
-    """FID/KID of generated faces against one fixed set of real faces (their features computed
-    once), and attribute rates of both."""
+    """FID/KID of generated faces against one fixed set of real faces, and attribute rates of both,
+    computed by every rank together: each rank embeds its share of the real set (once) and of the
+    generated faces, the features are gathered in the sets' own order and KID's subsets shared
+    out. Every rank calls it at the same points and gets the same numbers, which equal those of
+    one process evaluating the same sets (`deeprec evaluate-gan`)."""
 
-    def __init__(self, extractor: FeatureExtractor, real: Tensor, classifier: TrainedClassifier | None = None, batch_size: int = 250) -> None:
-        if len(real) < 2:
-            raise ValueError(f"FID needs at least 2 real faces, got {len(real)}")
+    def __init__(self, extractor: FeatureExtractor, real: RealShare, classifier: TrainedClassifier | None = None, batch_size: int = 250) -> None:
+        if real.total < 2:
+            raise ValueError(f"FID needs at least 2 real faces, got {real.total}")
         self.extractor, self.classifier, self.batch_size = extractor, classifier, batch_size
-        real_features = self._features(real)
-        self.fid, self.kid = self._metrics(real_features.shape[1], len(real))
-        self.fid.update(real_features, real=True)
-        self.kid.update(real_features, real=True)
-        self.real_samples = len(real)
-        self.data_rates = _rates(classifier, real) if classifier else {}
+        self.real = self._in_order(self._features(real.images), real.positions)
+        self.data_rates = self._rates(real.images)
 
     def _features(self, images: Tensor) -> Tensor:
-        return torch.cat([self.extractor.features(chunk).double().cpu() for chunk in images.split(self.batch_size)])
+        """(N, F) float32 features on the rank's device (where the collectives want them)."""
+        chunks = [self.extractor.features(chunk).float() for chunk in images.split(self.batch_size)]
+        return torch.cat(chunks) if chunks else torch.zeros((0, self.extractor.dim), device=self.extractor.device)
 
     @staticmethod
-    def _metrics(num_features: int, samples: int):
-        from torchmetrics.image.fid import FrechetInceptionDistance
-        from torchmetrics.image.kid import KernelInceptionDistance
+    def _in_order(features: Tensor, positions: Tensor) -> Tensor:
+        every = all_gather_rows(features)
+        return every[all_gather_rows(positions.to(features.device)).argsort()]
 
-        # reset() then clears only the generated side: the real statistics are computed once.
-        fid = FrechetInceptionDistance(feature=_Precomputed(num_features), reset_real_features=False)
-        with warnings.catch_warnings():  # KID keeps every feature vector: known, and small at our sample counts
-            warnings.filterwarnings("ignore", message=".*will save all extracted features")
-            kid = KernelInceptionDistance(feature=_Precomputed(num_features), reset_real_features=False, subset_size=min(1000, max(2, samples // 2)), subsets=50)
-        return fid, kid
+    def _rates(self, images: Tensor) -> dict[str, float]:
+        """The share of faces, over every rank's, the classifier scores positive per attribute."""
+        if self.classifier is None:
+            return {}
+        counts = torch.zeros(len(self.classifier.attributes) + 1, dtype=torch.int64, device=self.classifier.device)
+        for chunk in images.split(self.batch_size):
+            counts[:-1] += (self.classifier.probabilities(chunk) >= 0.5).sum(0)
+            counts[-1] += len(chunk)
+        *positive, total = all_sum(counts).tolist()
+        return dict(zip(self.classifier.attributes, (p / max(total, 1) for p in positive), strict=True))
 
-    def __call__(self, fake: Tensor) -> dict[str, Any]:
-        """Metrics of (N, 3, S, S) uint8 generated faces."""
-        if len(fake) < 2:
-            raise ValueError(f"FID needs at least 2 generated faces, got {len(fake)}")
-        self.fid.reset()
-        self.kid.reset()
-        # KID averages over random subsets of both sides: half the smaller side, so that they vary.
-        self.kid.subset_size = min(1000, max(2, min(len(fake), self.real_samples) // 2))
-        features = self._features(fake)
-        self.fid.update(features, real=False)
-        self.kid.update(features, real=False)
-        kid_mean, kid_std = self.kid.compute()
+    def __call__(self, painter: nn.Module, latent: int, samples: int, seed: int = EVAL_SEED) -> dict[str, Any]:
+        """Metrics of `samples` faces that `painter` draws from the latents of `seed`, this rank
+        drawing its contiguous part of them."""
+        if samples < 2:
+            raise ValueError(f"FID needs at least 2 generated faces, got {samples}")
+        rank, ranks = world()
+        start, stop = part_bounds(samples, rank, ranks)
+        fakes = draw_faces(painter, latent, samples, seed, part=slice(start, stop))
+        fake = all_gather_rows(self._features(fakes))  # in rank order: the latents' order
+        kid, kid_std = kernel_distance(self.real, fake)
         return {
-            "fid": float(self.fid.compute()),
-            "kid": float(kid_mean),
-            "kid_std": float(kid_std),
+            "fid": frechet_distance(self.real, fake),
+            "kid": kid,
+            "kid_std": kid_std,
             "feature_extractor": self.extractor.name,
-            "attribute_rate": _rates(self.classifier, fake) if self.classifier else {},
+            "attribute_rate": self._rates(fakes),
             "data_attribute_rate": self.data_rates,
-            "samples": len(fake),
+            "samples": samples,
+            "real_samples": len(self.real),
         }
 
 
-def evaluate_gan(checkpoint: str, data: str = "", classifier: str = "", inception_weights: str = "", samples: int = 1000, seed: int = 0, ema: bool | None = None) -> dict[str, Any]:
+def evaluate_gan(checkpoint: str, data: str = "", classifier: str = "", inception_weights: str = "", samples: int = 1000, seed: int = EVAL_SEED,
+                 ema: bool | None = None, latest: bool = False) -> dict[str, Any]:
     """`deeprec evaluate-gan`: a GAN checkpoint's faces against the real faces it learned from
-    (its run's --where and classifier filters, on DATA or the run's own dataset)."""
+    (its run's --where and classifier filters, on DATA or the run's own dataset). With the
+    defaults it repeats the run's own evaluation of that checkpoint: same real faces, same latents."""
     import dataclasses
 
     from deeprecognition.generate import TrainedGan
-    from deeprecognition.loops.gan_data import reference_faces
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gan = TrainedGan.load(checkpoint, ema=ema, device=device)
+    gan = TrainedGan.load(checkpoint, ema=ema, device=device, latest=latest)
     cfg = gan.config
     if data:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data=data))
     judge = TrainedClassifier.load(classifier, device) if classifier else None
-    extractor = pick_extractor(inception_weights, judge, device)
-    real = reference_faces(cfg, samples, device)
-    result = GanEvaluator(extractor, real.images, judge)(gan.faces(samples, seed))
-    return {**result, "real_samples": len(real.keys), "checkpoint": gan.checkpoint, "iteration": gan.iteration, "where": cfg.data.where}
+    evaluator = GanEvaluator(pick_extractor(inception_weights, judge, device), reference_faces(cfg, samples, device), judge)
+    result = evaluator(gan.generator, cfg.model.latent, samples, seed)
+    return {**result, "checkpoint": gan.checkpoint, "iteration": gan.iteration, "where": cfg.data.where}

@@ -1,5 +1,5 @@
 """`deeprec generate CKPT --n 36 --out grid.png`: faces from a trained GAN checkpoint (a checkpoint
-folder or a run folder's latest, local or s3://), as a square grid PNG."""
+folder, or a run folder's best by FID, `--latest` its latest; local or s3://), as a square grid PNG."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ import torch
 from torch import Tensor, nn
 
 from deeprecognition import storage
-from deeprecognition.checkpoint import best_checkpoint, load_state
-from deeprecognition.config import GanConfig, from_dict
+from deeprecognition.catalog import best_checkpoint
+from deeprecognition.checkpoint import load_state
+from deeprecognition.config import GanConfig, from_checkpoint
 from deeprecognition.errors import InputError
 from deeprecognition.models.gan import build_gan, draws_with_ema, to_uint8
 
@@ -59,11 +60,13 @@ def contact_sheet_png(mosaics: dict[int, bytes], tile_size: int = 256) -> bytes:
 
 
 @torch.no_grad()
-def draw_faces(generator: nn.Module, latent: int, n: int, seed: int, batch_size: int = 250) -> Tensor:
-    """(n, 3, S, S) uint8 faces from seeded latents: the same seed gives the same faces."""
-    latents = torch.randn(n, latent, generator=torch.Generator().manual_seed(seed))
+def draw_faces(generator: nn.Module, latent: int, n: int, seed: int, part: slice = slice(None), batch_size: int = 250) -> Tensor:
+    """(n, 3, S, S) uint8 faces from seeded latents: the same seed gives the same faces. `part`: only
+    those of the n (a rank's share), the same faces as in the whole set."""
+    latents = torch.randn(n, latent, generator=torch.Generator().manual_seed(seed))[part]
     device = next(generator.parameters()).device
-    return torch.cat([to_uint8(generator(z.to(device)).float()).cpu() for z in latents.split(batch_size)])
+    faces = [to_uint8(generator(z.to(device)).float()).cpu() for z in latents.split(batch_size)]
+    return torch.cat(faces) if faces else torch.zeros((0, 3, 0, 0), dtype=torch.uint8)
 
 
 @dataclass
@@ -76,14 +79,15 @@ class TrainedGan:
     fixed_latents: Tensor  # the run's mosaic latents
 
     @classmethod
-    def load(cls, uri: str, ema: bool | None = None, device: torch.device | str = "cpu") -> TrainedGan:
-        """A checkpoint folder or a run folder's latest checkpoint; plain data only (weights_only).
+    def load(cls, uri: str, ema: bool | None = None, device: torch.device | str = "cpu", latest: bool = False) -> TrainedGan:
+        """A checkpoint folder, or a run folder's best checkpoint (catalog's ranking: the lowest FID
+        once measured, else the latest) or with `latest` its latest; plain data only (weights_only).
         ema=None draws as the run's mosaics did: the EMA generator for dcgan, G for the study's."""
-        folder = best_checkpoint(uri, metric="iteration")
+        folder = best_checkpoint(uri, latest)
         state = load_state(folder)
         if "G" not in state or "image_size" not in state:
             raise InputError(folder, "is not a GAN checkpoint (no G or image_size): give one written by `deeprec train gan`")
-        cfg = from_dict(GanConfig, state["config"])
+        cfg = from_checkpoint(GanConfig, state["config"])
         generator, _ = build_gan(cfg.model.arch, cfg.model.latent, state["image_size"], cfg.model.width)
         generator.load_state_dict(state["ema" if (draws_with_ema(cfg.model.arch) if ema is None else ema) else "G"])
         return cls(generator.to(device).eval(), cfg, state["iteration"], state["image_size"], folder, state["fixed_latents"])
@@ -92,11 +96,12 @@ class TrainedGan:
         return draw_faces(self.generator, self.config.model.latent, n, seed)
 
 
-def generate_grid(checkpoint: str, out: str, n: int = 36, seed: int = 0, ema: bool | None = None) -> TrainedGan:
-    """Write a grid of `n` generated faces to `out` (local or s3://); returns the loaded GAN."""
+def generate_grid(checkpoint: str, out: str, n: int = 36, seed: int = 0, ema: bool | None = None, latest: bool = False) -> TrainedGan:
+    """Write a grid of `n` generated faces to `out` (local or s3://); returns the loaded GAN (a
+    run's best checkpoint, or with `latest` its latest)."""
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    gan = TrainedGan.load(checkpoint, ema=ema, device=device)
+    gan = TrainedGan.load(checkpoint, ema=ema, device=device, latest=latest)
     storage.write_bytes_atomic(out, grid_png(gan.faces(n, seed)))
     return gan

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 from deeprecognition import storage
+from deeprecognition.catalog import ray_checkpoint_config
 from deeprecognition.config import ClassifierConfig, GanConfig, to_dict
 from deeprecognition.loops.classifier import train_loop_per_worker
 from deeprecognition.shards.manifest import read_manifest
@@ -68,10 +69,10 @@ def _absolute(uri: str) -> str:
 
 def build_trainer(cfg: ClassifierConfig | GanConfig, callbacks: Sequence[UserCallback] = ()) -> TorchTrainer:
     """The TorchTrainer of a checked config with absolute paths, its run at `cfg.storage/cfg.name`.
-    Classifier checkpoints are kept by validation accuracy, GAN ones by recency. `callbacks` see
+    Checkpoints are kept by catalog's ranking (catalog.ray_checkpoint_config). `callbacks` see
     every report (a Tune sweep passes TuneReportCallback to carry the metrics to its scheduler)."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from deeprecognition.raycluster import worker_runtime_env
 
@@ -79,20 +80,20 @@ def build_trainer(cfg: ClassifierConfig | GanConfig, callbacks: Sequence[UserCal
     workers = (scale.elastic_min, scale.num_workers) if scale.elastic_min else scale.num_workers
     if isinstance(cfg, GanConfig):
         from deeprecognition.loops.gan import train_loop_per_worker as loop
-
-        keep = CheckpointConfig(num_to_keep=scale.keep_checkpoints)
     else:
         loop = train_loop_per_worker
-        keep = CheckpointConfig(num_to_keep=scale.keep_checkpoints, checkpoint_score_attribute="val/mean_accuracy", checkpoint_score_order="max")
     return TorchTrainer(
         loop,
         train_loop_config=to_dict(cfg),
+        # A collective that waits longer fails the run (and Ray restarts it from its checkpoint)
+        # instead of holding every GPU of the job until someone notices.
+        torch_config=TorchConfig(timeout_s=scale.collective_timeout_s),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=scale.gpu),
         run_config=RunConfig(
             name=cfg.name,
             storage_path=ray_storage_path(cfg.storage),
             failure_config=FailureConfig(max_failures=scale.max_failures, controller_failure_limit=3),
-            checkpoint_config=keep,
+            checkpoint_config=ray_checkpoint_config(cfg),
             worker_runtime_env=worker_runtime_env(),
             callbacks=list(callbacks),
         ),

@@ -31,27 +31,26 @@ def majority_vector(positives: Sequence[int], samples: int) -> Tensor:
 
 
 class AttributeMetrics:
-    def __init__(self, names: Sequence[str], majority: Tensor | None = None) -> None:
+    def __init__(self, names: Sequence[str], majority: Tensor | None = None, device: torch.device | str = "cpu") -> None:
+        """Counts live on `device` from the start: a rank with nothing to count still hands a
+        tensor on its own device to the all_reduce (NCCL refuses CPU tensors)."""
         self.names = tuple(names)
         t = len(self.names)
         if majority is not None:
-            majority = torch.as_tensor(majority).flatten() != 0
+            majority = torch.as_tensor(majority).flatten().to(device) != 0
             if majority.numel() != t:
                 raise ValueError(f"majority has {majority.numel()} entries for {t} attributes")
         self.majority = majority
-        self._counts = torch.zeros(len(CONFUSION) * t + len(SCALARS), dtype=torch.int64)
+        self._counts = torch.zeros(len(CONFUSION) * t + len(SCALARS), dtype=torch.int64, device=device)
 
     def update(self, logits: Tensor, targets: Tensor) -> None:
         """Count one batch: logits (B, T), targets (B, T) in {0, 1} (uint8 or float)."""
         t = len(self.names)
         if logits.dim() != 2 or logits.shape[1] != t or targets.shape != logits.shape:
             raise ValueError(f"expected logits and targets of shape (B, {t}), got {tuple(logits.shape)} and {tuple(targets.shape)}")
-        pred = logits.detach() > 0  # (B, T)
+        pred = logits.detach().to(self._counts.device) > 0  # (B, T)
         true = targets.detach().to(pred.device) != 0  # (B, T)
-        # Counts live where the batches are, so the loop can all_reduce them without a copy.
-        self._counts = self._counts.to(pred.device)
         if self.majority is not None:
-            self.majority = self.majority.to(pred.device)
             majority_exact = (true == self.majority).all(1).sum()
         else:
             majority_exact = pred.new_zeros((), dtype=torch.int64)

@@ -1,11 +1,15 @@
 """Attach to the Ray cluster a command should use: the one in RAY_ADDRESS (or the job's own cluster
-under `ray job submit`), else a local Ray started on demand with every core of this machine."""
+under `ray job submit`), else a local Ray started on demand with every core of this machine; and
+let go of it when the command ends."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +48,29 @@ def ensure_ray(dashboard: bool = False) -> None:
     else:
         log.info("starting a local Ray with %d CPUs", os.cpu_count() or 1)
         ray.init(address="local", runtime_env=runtime_env, include_dashboard=dashboard, log_to_driver=True)
+
+
+@contextlib.contextmanager
+def shutdown_ray_started_inside() -> Iterator[None]:
+    """Shut down on the way out a Ray that the block connected this process to (a local one it
+    started, or RAY_ADDRESS's). Ray prints the worker lines it holds back for deduplication when it
+    disconnects (`[repeated Nx across cluster]`; else at interpreter exit), so they are printed here,
+    inside whatever redirect surrounds the block. A Ray this process had before (a test session's
+    cluster) is left running."""
+    connected_before = _ray_connected()
+    try:
+        yield
+    finally:
+        if not connected_before and _ray_connected():
+            import ray
+
+            ray.shutdown()
+
+
+def _ray_connected() -> bool:
+    # Without importing Ray (seconds) in commands that never use it.
+    ray = sys.modules.get("ray")
+    return ray is not None and ray.is_initialized()
 
 
 def cluster_capacity() -> dict[str, float]:

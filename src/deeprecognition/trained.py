@@ -9,8 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deeprecognition.checkpoint import best_checkpoint, load_state
-from deeprecognition.config import ClassifierConfig, apply_overrides, from_dict
+from deeprecognition.catalog import best_checkpoint
+from deeprecognition.checkpoint import load_state
+from deeprecognition.config import ClassifierConfig, apply_overrides, from_checkpoint
 from deeprecognition.errors import InputError
 from deeprecognition.loops.classifier import InputNorm, build_model
 
@@ -23,25 +24,32 @@ class TrainedClassifier:
     image_size: int  # what it was trained on; other sizes are resized to it
     checkpoint: str  # the folder it came from
     config: ClassifierConfig
+    majority: Tensor | None  # the training split's majority answer (None: a checkpoint written before it was kept)
 
     @classmethod
     def load(cls, uri: str, device: torch.device | str = "cpu") -> TrainedClassifier:
-        """A checkpoint folder, or a run folder's best checkpoint; local or s3://; plain data only."""
+        """A checkpoint folder, or a run folder's best checkpoint (catalog's ranking: validation
+        accuracy, never a mid-epoch one without it); local or s3://; plain data only."""
         folder = best_checkpoint(uri)
         state = load_state(folder)
         if "attributes" not in state or "image_size" not in state:
             raise InputError(folder, "is not a classifier checkpoint (no attributes or image_size): give one written by `deeprec train classifier`")
         # The weights come from the checkpoint: never look for ImageNet weights here.
-        cfg = apply_overrides(from_dict(ClassifierConfig, state["config"]), ["model.weights=none"])
+        cfg = apply_overrides(from_checkpoint(ClassifierConfig, state["config"]), ["model.weights=none"])
         attributes = tuple(state["attributes"])
         model = build_model(cfg, len(attributes), state["image_size"])
         model.load_state_dict(state["model"])
         norm = InputNorm(cfg.model.name)
-        return cls(model.to(device).eval(), norm.to(device), attributes, state["image_size"], folder, cfg)
+        majority = torch.tensor(state["majority"], dtype=torch.bool) if "majority" in state else None
+        return cls(model.to(device).eval(), norm.to(device), attributes, state["image_size"], folder, cfg, majority)
 
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    @property
+    def penultimate_dim(self) -> int:
+        return self.model.penultimate_dim
 
     def _inputs(self, images: Tensor) -> Tensor:
         """uint8 (B, 3, H, W) on any device -> normalised floats at the classifier's own size."""

@@ -10,17 +10,17 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from deeprecognition import storage
-from deeprecognition.checkpoint import restore_rng, rng_state
 from deeprecognition.config import ClassifierConfig, from_dict, to_dict
+from deeprecognition.distributed import all_sum
 from deeprecognition.loops.feature_cache import FeatureCache
+from deeprecognition.loops.resume import apply_hyperparameters, seed_rank_streams
 from deeprecognition.loops.session import Session
 from deeprecognition.metrics import AttributeMetrics, majority_vector
 from deeprecognition.report import RunLog
@@ -62,41 +62,48 @@ class InputNorm(nn.Module):
 
 def _loaders(cfg: ClassifierConfig, session: Session, attributes: tuple[str, ...]):
     common = dict(data=cfg.data.data, targets=attributes, batch_size=cfg.data.batch_size, num_workers=cfg.data.loader_workers, seed=cfg.optim.seed)
-    train = make_loader(LoaderConfig(split="train", shuffle_buffer=cfg.data.shuffle_buffer, **common), session.rank, session.world_size, pin_memory=session.device.type == "cuda")
+    train = make_loader(LoaderConfig(split="train", sampling=cfg.data.sampling, **common), session.rank, session.world_size, pin_memory=session.device.type == "cuda")
     val, test = (make_loader(LoaderConfig(split=split, training=False, **common), session.rank, session.world_size) for split in ("val", "test"))
     return train, val, test
 
 
-def majority_of(manifest: Manifest, attributes: tuple[str, ...]) -> torch.Tensor:
-    """Each label's majority class in the train split: the floor every metric is shown with."""
-    counts = torch.tensor([s.attribute_counts for s in manifest.shards("train")]).sum(0)
+def majority_of(manifest: Manifest, attributes: tuple[str, ...]) -> torch.Tensor | None:
+    """Each label's majority class in the train split: the floor every metric is shown with (the
+    training loop stores it in every checkpoint); None for a dataset without training images."""
+    shards = manifest.shards("train")
+    if not shards:
+        return None
+    counts = torch.tensor([s.attribute_counts for s in shards]).sum(0)
     return majority_vector(counts[[manifest.attributes.index(a) for a in attributes]], manifest.splits["train"].samples)
 
 
-def evaluate(model: nn.Module, norm: InputNorm, loader, attributes: tuple[str, ...], majority: torch.Tensor, device: torch.device) -> dict[str, Any]:
-    """Metrics over the whole split, summed over every rank."""
-    metrics = AttributeMetrics(attributes, majority=majority.to(device))
+def evaluate(model: nn.Module, norm: nn.Module, loader, attributes: tuple[str, ...], majority: torch.Tensor | None, device: torch.device) -> dict[str, Any]:
+    """Metrics over the whole split, summed over every rank: every rank calls it, with or without
+    batches of its own. `model` is the plain module, never DDP's wrapper, whose first forward after
+    training broadcasts buffers from rank 0, a collective that a rank without batches never joins."""
+    metrics = AttributeMetrics(attributes, majority, device)
     model.eval()
     with torch.no_grad():
         for batch in loader:
             logits = model(norm(batch.images.to(device, non_blocking=True)))
             metrics.update(logits.float(), batch.targets.to(device, non_blocking=True))
-    counts = metrics.counts()
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(counts)
-    return AttributeMetrics.from_counts(attributes, counts.cpu(), majority=majority).compute()
+    return AttributeMetrics.from_counts(attributes, all_sum(metrics.counts()).cpu(), majority).compute()
 
 
 @dataclass
 class EpochProgress:
     """Where this rank stands inside an epoch. A mid-epoch (preemption) checkpoint saves rank 0's,
     so the resumed run skips the batches already trained and ends the epoch with the same step
-    count and the same train metrics as a run that was never interrupted."""
+    count and the same train metrics as a run that was never interrupted. The sums stay on the
+    device while the epoch runs (reading one per step would wait for the GPU)."""
 
     steps: int = 0
-    loss_sum: float = 0.0
-    correct: float = 0.0  # sum over images of the share of labels right
+    loss_sum: float | torch.Tensor = 0.0
+    correct: float | torch.Tensor = 0.0  # sum over images of the share of labels right
     seen: int = 0
+
+    def saved(self) -> dict[str, Any]:
+        return {"steps": self.steps, "loss_sum": float(self.loss_sum), "correct": float(self.correct), "seen": self.seen}
 
 
 def _train_epoch(model, norm, loader, optimizer, cfg: ClassifierConfig, device: torch.device, progress: EpochProgress,
@@ -120,16 +127,18 @@ def _train_epoch(model, norm, loader, optimizer, cfg: ClassifierConfig, device: 
         loss.backward()
         optimizer.step()
         progress.steps += 1
-        progress.loss_sum += loss.item() * len(batch.keys)
-        progress.correct += ((logits.detach() > 0) == (targets > 0)).float().mean(1).sum().item()
+        progress.loss_sum += loss.detach().double() * len(batch.keys)
+        progress.correct += ((logits.detach() > 0) == (targets > 0)).double().mean(1).sum()
         progress.seen += len(batch.keys)
         trained += len(batch.keys)
         after_step()
+    if device.type == "cuda":  # the steps were only queued: time them done
+        torch.cuda.synchronize(device)
     return trained, time.perf_counter() - start
 
 
 def _state(cfg: ClassifierConfig, model: nn.Module, optimizer, epoch: int, step: int, attributes: tuple[str, ...], image_size: int,
-           progress: EpochProgress | None = None) -> dict[str, Any]:
+           majority: torch.Tensor, progress: EpochProgress | None = None) -> dict[str, Any]:
     """`epoch` done (its `step` counts every step so far), or with `progress` only that far into it."""
     state = {
         "image_size": image_size,  # the model's input side: the CNN's dense layer depends on it
@@ -137,27 +146,29 @@ def _state(cfg: ClassifierConfig, model: nn.Module, optimizer, epoch: int, step:
         "optimizer": optimizer.state_dict(),
         "epoch": epoch,
         "step": step,
-        "rng": rng_state(),
         "config": to_dict(cfg),
         "attributes": list(attributes),
+        # The training split's majority answer: the floor of every later evaluation, on any dataset.
+        "majority": majority.tolist(),
     }
     if progress is not None:
-        state["epoch_progress"] = asdict(progress)
+        state["epoch_progress"] = progress.saved()
     return state
 
 
-def _resume(session: Session, model: nn.Module, optimizer) -> tuple[int, int, EpochProgress]:
+def _resume(cfg: ClassifierConfig, session: Session, model: nn.Module, optimizer) -> tuple[int, int, EpochProgress]:
     """The epoch to start at, the steps so far, and how far into that epoch the latest checkpoint is."""
     state = session.latest_state()
     if state is None:
         return 0, 0, EpochProgress()
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    restore_rng(state["rng"])
+    changed = apply_hyperparameters(optimizer, {"lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay}, "optimizer")
     # A mid-epoch checkpoint (written on a preemption notice) finishes its epoch; an epoch's own starts the next.
     epoch, progress = (state["epoch"], EpochProgress(**state["epoch_progress"])) if "epoch_progress" in state else (state["epoch"] + 1, EpochProgress())
     if session.rank == 0:
-        print(f"resuming at epoch {epoch} after {progress.steps} of its steps ({state['step']} steps in all)", flush=True)
+        print(f"resuming at epoch {epoch} after {progress.steps} of its steps ({state['step']} steps in all)"
+              + (f"; the config changes {', '.join(changed)}" if changed else ""), flush=True)
     return epoch, state["step"], progress
 
 
@@ -181,43 +192,52 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = from_dict(ClassifierConfig, config).validate()
     attributes = cfg.attributes()
     session = Session.current(storage.join(cfg.storage, cfg.name), cfg.scale.gpu, cfg.scale.keep_checkpoints)
-    torch.manual_seed(cfg.optim.seed)
+    torch.manual_seed(cfg.optim.seed)  # the same initial weights on every rank
     manifest = read_manifest(cfg.data.data)
     model = build_model(cfg, len(attributes), manifest.image.size).to(session.device)
     if session.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     norm = InputNorm(cfg.model.name).to(session.device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    start_epoch, step, resumed = _resume(session, model, optimizer)
+    start_epoch, step, resumed = _resume(cfg, session, model, optimizer)
+    seed_rank_streams(cfg.optim.seed, session.rank, step)  # each rank's own dropout masks (loops/resume.py)
     if uses_feature_cache(cfg):
         train, val, test_loader = _feature_caches(cfg, session, model, norm, attributes)
-        runner, runner_norm = model.head, nn.Identity()
+        plain, plain_norm = model.head, nn.Identity()
     else:
         train, val, test_loader = _loaders(cfg, session, attributes)
-        runner, runner_norm = model, norm
+        plain, plain_norm = model, norm
+    runner = plain
     if session.world_size > 1:
-        runner = nn.parallel.DistributedDataParallel(runner, device_ids=[session.device.index] if session.device.type == "cuda" else None)
+        runner = nn.parallel.DistributedDataParallel(plain, device_ids=[session.device.index] if session.device.type == "cuda" else None)
     if cfg.optim.compile:
         runner = torch.compile(runner)
     majority = majority_of(manifest, attributes)
     log = RunLog(session.run_dir, to_dict(cfg), start_epoch) if session.rank == 0 else None
     every = cfg.scale.preemption_check_every
+
+    def checkpoint(metrics: dict[str, Any], epoch: int, at: int, progress: EpochProgress | None = None) -> None:
+        """Every rank reports; rank 0's state is the checkpoint."""
+        state = _state(cfg, model, optimizer, epoch, at, attributes, manifest.image.size, majority, progress) if session.rank == 0 else None
+        session.report(metrics, state)
+
     for epoch in range(start_epoch, cfg.optim.epochs):
         train.dataset.set_epoch(epoch)
         progress, resumed = resumed, EpochProgress()
         first = step - progress.steps  # steps before this epoch
 
-        def checkpoint_if_preempted() -> None:
-            """On a drain notice, a mid-epoch checkpoint at once: at most the steps after it are lost."""
+        def after_step() -> None:
+            """The next step's random streams; on a drain notice, a mid-epoch checkpoint at once (at
+            most the steps after it are lost)."""
             at = first + progress.steps
+            seed_rank_streams(cfg.optim.seed, session.rank, at)
             if every and at % every == 0 and session.preemption_pending():
-                state = _state(cfg, model, optimizer, epoch, at, attributes, manifest.image.size, progress) if session.rank == 0 else None
-                session.report({"epoch": epoch, "step": at, "world_size": session.world_size, "preemption_checkpoint": True}, state)
+                checkpoint({"epoch": epoch, "step": at, "world_size": session.world_size, "preemption_checkpoint": True}, epoch, at, progress)
 
-        trained, seconds = _train_epoch(runner, runner_norm, train, optimizer, cfg, session.device, progress, checkpoint_if_preempted)
+        trained, seconds = _train_epoch(runner, plain_norm, train, optimizer, cfg, session.device, progress, after_step)
         step = first + progress.steps
-        result = evaluate(runner, runner_norm, val, attributes, majority, session.device)
-        loss, train_acc = progress.loss_sum / max(progress.seen, 1), progress.correct / max(progress.seen, 1)
+        result = evaluate(plain, plain_norm, val, attributes, majority, session.device)
+        loss, train_acc = float(progress.loss_sum) / max(progress.seen, 1), float(progress.correct) / max(progress.seen, 1)
         metrics = {
             "epoch": epoch,
             "step": step,
@@ -238,9 +258,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
         if log is not None:
             log.log(metrics)
-        session.report(metrics, _state(cfg, model, optimizer, epoch, step, attributes, manifest.image.size) if session.rank == 0 else None)
+        checkpoint(metrics, epoch, step)
     # A dataset packed from a partial CelebA copy may have no test images: report on val then.
     split, loader = ("test", test_loader) if manifest.splits["test"].samples else ("val", val)
-    final = evaluate(runner, runner_norm, loader, attributes, majority, session.device)
+    final = evaluate(plain, plain_norm, loader, attributes, majority, session.device)
     if log is not None:
         log.finish(final, f"{cfg.name}: {cfg.data.task} on {split} ({final['samples']} images)")

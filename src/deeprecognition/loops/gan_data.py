@@ -3,12 +3,15 @@ optionally, by a trained classifier's judgement (`--where-classifier`), streamed
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
 
 from deeprecognition.config import GanConfig
-from deeprecognition.shards.loader import Batch, LoaderConfig, make_loader, parse_where
+from deeprecognition.distributed import gather_sizes
+from deeprecognition.shards.loader import Batch, LoaderConfig, ShardStream, make_loader, parse_where
 from deeprecognition.trained import TrainedClassifier
 
 
@@ -43,7 +46,7 @@ def real_batches(cfg: GanConfig, rank: int, world_size: int, device: torch.devic
     """An endless stream of this rank's real uint8 batches, all of exactly data.batch_size faces."""
     config = LoaderConfig(
         data=cfg.data.data, split="train", targets=(), where=parse_where(cfg.data.where), batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.loader_workers, shuffle_buffer=cfg.data.shuffle_buffer, seed=cfg.optim.seed,
+        num_workers=cfg.data.loader_workers, sampling=cfg.data.sampling, seed=cfg.optim.seed,
     )
     loader = make_loader(config, rank, world_size, pin_memory=device.type == "cuda")
 
@@ -59,19 +62,57 @@ def real_batches(cfg: GanConfig, rank: int, world_size: int, device: torch.devic
             yield batch.images
 
 
-def reference_faces(cfg: GanConfig, n: int, device: torch.device, targets: tuple[str, ...] = ()) -> Batch:
-    """Up to `n` real faces the GAN learns from (the same filters), in a fixed order: what FID
-    compares generated faces with. Targets: the labels to bring along (for label rates)."""
-    config = LoaderConfig(data=cfg.data.data, split="train", targets=targets, where=parse_where(cfg.data.where), training=False, batch_size=256, num_workers=0)
-    images: list[torch.Tensor] = []
-    labels: list[torch.Tensor] = []
-    keys: list[str] = []
-    for batch in _filter(cfg, make_loader(config), device, 256):
-        images.append(batch.images)
-        labels.append(batch.targets)
-        keys += batch.keys
-        if len(keys) >= n:
-            break
-    if not keys:
-        raise ValueError(f"no training faces in {cfg.data.data} match where={cfg.data.where!r}" + (" and the classifier filter" if cfg.data.where_classifier else ""))
-    return Batch(torch.cat(images)[:n], torch.cat(labels)[:n], keys[:n])
+@dataclass
+class RealShare:
+    """One rank's share of a GAN's reference set: the first n faces of the train split that pass the
+    run's filters, in shard order. The set does not depend on how many ranks read it."""
+
+    images: torch.Tensor  # (k, 3, S, S) uint8, this rank's faces
+    targets: torch.Tensor  # (k, T) uint8
+    keys: list[str]
+    positions: torch.Tensor  # (k,) int64: each face's place in the set, 0 .. total - 1
+    total: int  # faces in the whole set, every rank's together
+
+
+def reference_faces(cfg: GanConfig, n: int, device: torch.device, rank: int = 0, world_size: int = 1, targets: tuple[str, ...] = ()) -> RealShare:
+    """This rank's share of the `n` real faces FID compares generated ones with (see RealShare).
+
+    The filtered split is read in waves: each rank takes one of `world_size` consecutive chunks of
+    ceil(n / world_size) faces, the ranks learn how many of each chunk passed (the classifier
+    filter, when there is one, keeps only some) and keep those that fall within the first n: one
+    small collective per wave, the same number of waves on every rank. Without a classifier only
+    the faces kept are decoded. Targets: labels to bring along."""
+    stream = ShardStream(LoaderConfig(data=cfg.data.data, split="train", targets=targets, where=parse_where(cfg.data.where), training=False, batch_size=256, num_workers=0),
+                         rank=rank, world_size=world_size)
+    judge = TrainedClassifier.load(cfg.data.where_classifier, device) if cfg.data.where_classifier else None
+    chunk, found, start = math.ceil(n / world_size), 0, 0
+    kept: list[Batch] = []
+    positions: list[torch.Tensor] = []
+    while found < n and start < len(stream.rows):
+        mine = stream.rows[start + rank * chunk : start + (rank + 1) * chunk]
+        start += chunk * world_size
+        passed = _joined(stream, judged_positive(_read(stream, mine), judge, cfg.data.classifier_attribute, cfg.data.threshold, 256)) if judge else None
+        counts = gather_sizes(len(mine) if passed is None else len(passed.keys), device)
+        offset = found + sum(counts[:rank])
+        take = max(0, min(counts[rank], n - offset))
+        found += sum(counts)
+        if take:
+            kept.append(_joined(stream, _read(stream, mine[:take])) if passed is None else Batch(*(field[:take] for field in passed)))
+            positions.append(torch.arange(offset, offset + take))
+    if not found:
+        raise ValueError(f"no training faces in {cfg.data.data} match where={cfg.data.where!r}" + (" and the classifier filter" if judge else ""))
+    share = _joined(stream, kept)
+    return RealShare(share.images, share.targets, share.keys, torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64), min(n, found))
+
+
+def _read(stream: ShardStream, rows) -> Iterator[Batch]:
+    return stream.batches(stream.samples(rows))
+
+
+def _joined(stream: ShardStream, batches: Iterable[Batch]) -> Batch:
+    """Batches as one (possibly empty) batch."""
+    batches = list(batches)
+    if not batches:
+        side = stream.size
+        return Batch(torch.zeros((0, 3, side, side), dtype=torch.uint8), torch.zeros((0, len(stream.target_idx)), dtype=torch.uint8), [])
+    return Batch(torch.cat([b.images for b in batches]), torch.cat([b.targets for b in batches]), [k for b in batches for k in b.keys])

@@ -3,7 +3,6 @@ else a local run folder, so the same loop runs in one plain process (world size 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -14,7 +13,9 @@ from typing import Any
 import torch
 
 from deeprecognition import storage
-from deeprecognition.checkpoint import METRICS, load_state, write_checkpoint
+from deeprecognition.catalog import RunInfo, run_at
+from deeprecognition.checkpoint import load_state, write_checkpoint
+from deeprecognition.distributed import world
 
 
 @dataclass
@@ -24,7 +25,7 @@ class Session:
     device: torch.device
     under_ray: bool
     run_dir: str  # the run's folder (local mode: also its checkpoints)
-    keep: int = 2  # local mode: checkpoints kept, the best by val/mean_accuracy, plus the latest
+    keep: int = 2  # local mode: checkpoints kept, the latest and the best keep - 1 others (catalog's ranking)
     _noticed: Any = field(default=None, repr=False)  # the preemption notice already checkpointed for
 
     @classmethod
@@ -35,9 +36,11 @@ class Session:
 
             ctx = ray.train.get_context()
             return cls(ctx.get_world_rank(), ctx.get_world_size(), ray.train.torch.get_device(), True, run_dir, keep)
-        except RuntimeError:  # not inside a Ray Train worker
-            device = torch.device("cuda" if use_gpu and torch.cuda.is_available() else "cpu")
-            return cls(0, 1, device, False, run_dir, keep)
+        except RuntimeError:  # not inside a Ray Train worker: one process, or a process group of torchrun's
+            rank, world_size = world()
+            cuda = use_gpu and torch.cuda.is_available()
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+            return cls(rank, world_size, device, False, run_dir, keep)
 
     def latest_state(self) -> dict[str, Any] | None:
         """The state of the latest checkpoint of this run, to resume from, or None."""
@@ -46,8 +49,13 @@ class Session:
 
             checkpoint = ray.train.get_checkpoint()
             return None if checkpoint is None else restore(checkpoint)
-        done = sorted(n for n in os.listdir(self.run_dir) if n.startswith("checkpoint_")) if os.path.isdir(self.run_dir) else []
-        return load_state(os.path.join(self.run_dir, done[-1])) if done else None
+        run = self._local_run()
+        return None if run is None else load_state(run.latest.uri)
+
+    def _local_run(self) -> RunInfo | None:
+        """This local run's checkpoints as catalog lists and ranks them; None before the first."""
+        started = os.path.isdir(self.run_dir) and any(n.startswith("checkpoint_") for n in os.listdir(self.run_dir))
+        return run_at(self.run_dir) if started else None
 
     def preemption_pending(self) -> bool:
         """Whether a node of this run is being drained (a spot reclaim notice, SIGTERM to a `ray
@@ -93,14 +101,11 @@ class Session:
             self._prune(latest=name)
 
     def _prune(self, latest: str) -> None:
-        """What Ray's CheckpointConfig(num_to_keep) does for a Ray run, for a local one."""
-        scored = []
-        for name in os.listdir(self.run_dir):
-            if name.startswith("checkpoint_") and name != latest:
-                with open(os.path.join(self.run_dir, name, METRICS)) as f:
-                    scored.append((json.load(f).get("val/mean_accuracy", float("-inf")), name))
-        for _, name in sorted(scored, reverse=True)[max(self.keep - 1, 0) :]:
-            shutil.rmtree(os.path.join(self.run_dir, name))
+        """For a local run what Ray's CheckpointConfig(num_to_keep) does for a Ray run, by the same
+        ranking (catalog.ray_checkpoint_config): `latest` and the best `keep - 1` others stay."""
+        others = [c for c in run_at(self.run_dir).checkpoints if c.name != latest]
+        for checkpoint in others[max(self.keep - 1, 0) :]:
+            shutil.rmtree(os.path.join(self.run_dir, checkpoint.name))
 
 
 def restore(checkpoint: Any) -> dict[str, Any]:

@@ -40,6 +40,7 @@ class PaperCNN(nn.Module):
             *(conv_block(c_in, c_out) for c_in, c_out in zip((3, *widths), widths))
         )  # (B, 3, S, S) -> (B, widths[-1], S/2**layers, S/2**layers)
         self.dense = nn.Linear(widths[-1] * side * side, dense)  # (B, dense)
+        self.penultimate_dim = dense
         self.out = nn.Linear(dense, num_outputs)  # (B, num_outputs)
 
     def penultimate(self, x: Tensor) -> Tensor:

@@ -215,13 +215,37 @@ def ema_decay_at(decay: float, iteration: int) -> float:
 
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float = 0.999) -> None:
-    """ema <- decay * ema + (1 - decay) * model for parameters; buffers (BN statistics, spectral
-    norm vectors) are copied, since averaging running statistics has no meaning."""
+    """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied (averaging running
+    statistics has no meaning; BatchNorm's are recomputed for the EMA weights before it draws, see
+    standing_statistics)."""
     model = _unwrap(model)
     for e, p in zip(ema.parameters(), model.parameters(), strict=True):
         e.lerp_(p, 1 - decay)
     for e, b in zip(ema.buffers(), model.buffers(), strict=True):
         e.copy_(b)
+
+
+@torch.no_grad()
+def standing_statistics(generator: nn.Module, latent: int, samples: int = 512, batch_size: int = 64, seed: int = 0) -> None:
+    """Recompute a generator's BatchNorm running statistics for its own weights (BigGAN's "standing
+    statistics"): the EMA generator's were copied from G, measured on activations of other weights.
+    The average over `samples` seeded latents, so that every rank computes the same ones; the
+    generator is left in eval mode. A generator without BatchNorm is left as it is."""
+    norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    device = next(generator.parameters()).device
+    draw = torch.Generator().manual_seed(seed)
+    generator.train()
+    for _ in range(max(1, samples // batch_size)):
+        generator(torch.randn(batch_size, latent, generator=draw).to(device))
+    for m, momentum in zip(norms, momenta, strict=True):
+        m.momentum = momentum
+    generator.eval()
 
 
 def to_tanh_range(images_uint8: Tensor) -> Tensor:

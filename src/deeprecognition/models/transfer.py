@@ -84,6 +84,7 @@ class ResNet50Transfer(nn.Module):
             *dense_block(w // 2, w // 4, dropout),  # (B, w/4)
             nn.Linear(w // 4, num_outputs),  # (B, num_outputs) logits
         )
+        self.penultimate_dim = w // 4
         self.freeze = freeze
         self.frozen = tuple(self.backbone.get_submodule(name) for name in FROZEN_MODULES[freeze])
         for module in self.frozen:

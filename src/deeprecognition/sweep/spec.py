@@ -168,14 +168,18 @@ def _distribution(base: Any, dotted: str, spec: Any) -> Distribution:
         raise ValueError(f"{where}: unknown distribution {kind!r}; distributions: {', '.join(DISTRIBUTIONS)}")
     if not isinstance(values, list) or not values:
         raise ValueError(f"{where}: {kind} takes a non-empty list, e.g. {kind}: [1, 2]")
-    checked = tuple(_checked(base, dotted, v, where) for v in values)
     if kind in ("grid", "choice"):
-        return Distribution(kind, checked)
-    if len(checked) != 2 or not all(isinstance(v, float) for v in checked):
-        raise ValueError(f"{where}: {kind} takes [low, high] of a float field; use grid or choice for other fields")
-    low, high = checked
+        return Distribution(kind, tuple(_checked(base, dotted, v, where) for v in values))
+    not_a_range = ValueError(f"{where}: {kind} takes [low, high] of a float field; use grid or choice for other fields")
+    # The range's own rule first: it names the problem better than the field's (0 is no learning rate).
+    if len(values) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        raise not_a_range
+    low, high = values
     if not low < high or (kind == "loguniform" and low <= 0):
         raise ValueError(f"{where}: {kind} needs {'0 < ' if kind == 'loguniform' else ''}low < high, got [{low}, {high}]")
+    checked = tuple(_checked(base, dotted, v, where) for v in values)
+    if not all(isinstance(v, float) for v in checked):
+        raise not_a_range
     return Distribution(kind, checked)
 
 

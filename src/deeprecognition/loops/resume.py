@@ -1,0 +1,47 @@
+"""What a loop sets up when it starts or continues a run, beside the weights: each rank's random
+streams, and the optimiser hyperparameters the user asked for now.
+
+Random streams: the model is initialised from the run's seed on every rank (DDP wants identical
+weights), then before every step each rank's streams (dropout masks, the GAN's latents and label
+noise) are seeded from (seed, rank, step). What a rank draws at a step depends on nothing else, so
+a run resumed from any checkpoint, a mid-epoch one included, draws exactly what the uninterrupted
+run drew, on any number of visible GPUs, and no checkpoint stores one rank's RNG state for all.
+Seeding costs microseconds: a hash and a generator's (host-side) seed, no device work.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def stream_seed(seed: int, rank: int, step: int, stream: int = 0) -> int:
+    """A 63-bit seed, well mixed from (seed, rank, step, stream): nearby inputs give unrelated streams."""
+    return int(np.random.SeedSequence([seed, rank, step, stream]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
+def seed_rank_streams(seed: int, rank: int, step: int) -> None:
+    """Seed this process's torch (CPU and every CUDA device) and Python generators for (seed, rank, step)."""
+    torch.manual_seed(stream_seed(seed, rank, step))
+    random.seed(stream_seed(seed, rank, step, stream=1))
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, wanted: Mapping[str, Any], name: str) -> list[str]:
+    """After `optimizer.load_state_dict`, which restores the saved lr (and betas, weight decay):
+    put back the values the run's config asks for. Returns what changed, e.g. "G lr 0.001 -> 0.0001"."""
+    changed = []
+    for group in optimizer.param_groups:
+        for key, value in wanted.items():
+            saved = tuple(group[key]) if isinstance(group[key], Sequence) else group[key]
+            if saved != value:
+                changed.append(f"{name} {key} {_shown(saved)} -> {_shown(value)}")
+                group[key] = value
+    return sorted(set(changed))
+
+
+def _shown(value: Any) -> str:
+    return f"({', '.join(f'{v:g}' for v in value)})" if isinstance(value, tuple) else f"{value:g}"
