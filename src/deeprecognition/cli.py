@@ -370,7 +370,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", choices=["squash", "center-crop"], default="squash")
     p.add_argument("--format", choices=["jpg", "png", "npy"], default="jpg")
     p.add_argument("--quality", type=int, default=95, help="JPEG quality [95]")
-    p.add_argument("--split", choices=["official", "random"], default="official", help="random: seeded 60/20/20")
+    p.add_argument("--split", choices=["official", "random"], default="official", help="random: seeded 60/20/20, each identity in one split when the copy has identity_CelebA.txt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--samples-per-shard", type=int, default=5000)
     p.add_argument("--allow-missing", action="store_true", help="pack the listed images that exist, count the rest")

@@ -35,7 +35,7 @@ RECORDS = "_pack"
 @dataclass(frozen=True, kw_only=True)
 class PackOptions:
     image: ImageFormat = field(default_factory=ImageFormat)
-    split: str = "official"  # or "random": seeded 60/20/20
+    split: str = "official"  # or "random": seeded 60/20/20, identities kept apart when known (plan.split_codes)
     seed: int = 0
     samples_per_shard: int = 5000
     allow_missing: bool = False
