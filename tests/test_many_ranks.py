@@ -16,6 +16,7 @@ import os
 import pytest
 import torch
 
+from deeprecognition.cli import main
 from deeprecognition.config import ClassifierConfig, apply_overrides, to_dict
 from deeprecognition.gan_eval import evaluate_gan
 
@@ -30,7 +31,7 @@ def _gan_rank(rank: int, world_size: int, config: dict) -> None:
     train_loop_per_worker(config)
 
 
-def test_two_ranks_evaluate_the_gan_together_and_agree_with_evaluate_gan(faces64, judge, tmp_path):
+def test_two_ranks_evaluate_the_gan_together_and_agree_with_evaluate_gan(faces64, judge, tmp_path, capsys):
     cfg = gan_config(faces64, str(tmp_path), 6, "schedule.eval_every=3", "schedule.checkpoint_every=3", "eval.samples=40", f"eval.classifier={judge}")
     results = run_ranks(_gan_rank, 2, args=(to_dict(cfg),), timeout_s=COLLECTIVE_TIMEOUT_S)
     records = [r.record for r in results]
@@ -39,9 +40,16 @@ def test_two_ranks_evaluate_the_gan_together_and_agree_with_evaluate_gan(faces64
     assert all(any(c.op == "all_reduce" and c.tensors[0].layout == "float64[50]" for c in record) for record in records)
     logged = {m["iteration"]: m for m in map(json.loads, open(tmp_path / "g" / "metrics.jsonl")) if "fid" in m}
     assert sorted(logged) == [3, 6]
+    capsys.readouterr()
     for iteration, during in logged.items():
-        # One process, the same 40 real faces and the same latents: the numbers the two ranks logged.
-        after = evaluate_gan(str(tmp_path / "g" / f"checkpoint_{iteration:06d}"), classifier=judge, samples=40)
+        # One process, the same 40 real faces and the same latents: the numbers the two ranks logged,
+        # from the library and from the command line with its defaults.
+        checkpoint = str(tmp_path / "g" / f"checkpoint_{iteration:06d}")
+        if iteration == 3:
+            after = evaluate_gan(checkpoint, classifier=judge, samples=40)
+        else:
+            assert main(["evaluate-gan", checkpoint, "--classifier", judge, "--samples", "40", "--json"]) == 0
+            after = json.loads(capsys.readouterr().out)
         assert after["real_samples"] == 40 and after["iteration"] == iteration
         assert after["fid"] == pytest.approx(during["fid"], rel=1e-4, abs=1e-4)
         assert after["kid"] == pytest.approx(during["kid"], rel=1e-4, abs=1e-6)

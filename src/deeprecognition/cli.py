@@ -248,10 +248,10 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _evaluate_gan(args: argparse.Namespace) -> int:
-    from deeprecognition.gan_eval import evaluate_gan
+    from deeprecognition.gan_eval import EVAL_SEED, evaluate_gan
 
     result = evaluate_gan(args.checkpoint, data=args.data or "", classifier=args.classifier or "", inception_weights=args.inception_weights or "",
-                          samples=args.samples, seed=args.seed, ema=False if args.no_ema else None, latest=args.latest)
+                          samples=args.samples, seed=EVAL_SEED if args.seed is None else args.seed, ema=False if args.no_ema else None, latest=args.latest)
     if args.json:
         _print_json(args, result)
         return 0
@@ -435,7 +435,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--classifier", metavar="CKPT", help="trained classifier: attribute rates, and FID features without Inception")
     p.add_argument("--inception-weights", metavar="PATH", help="FID Inception weights (else the torch hub cache, else the classifier)")
     p.add_argument("--samples", type=int, default=1000, help="generated and real faces [1000]")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, help="latent seed [the one the run evaluated with: its logged FID again]")
     p.add_argument("--no-ema", action="store_true", help="evaluate G instead of its EMA copy")
     p.add_argument("--json", action="store_true")
     _add_storage_args(p)

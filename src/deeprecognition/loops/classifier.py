@@ -200,7 +200,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     norm = InputNorm(cfg.model.name).to(session.device)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
     start_epoch, step, resumed = _resume(cfg, session, model, optimizer)
-    seed_rank_streams(cfg.optim.seed, session.rank, step)  # each rank's own dropout masks (loops/resume.py)
+    seed_rank_streams(cfg.optim.seed, session.rank, step, session.device)  # each rank's own dropout masks (loops/resume.py)
     if uses_feature_cache(cfg):
         train, val, test_loader = _feature_caches(cfg, session, model, norm, attributes)
         plain, plain_norm = model.head, nn.Identity()
@@ -230,7 +230,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             """The next step's random streams; on a drain notice, a mid-epoch checkpoint at once (at
             most the steps after it are lost)."""
             at = first + progress.steps
-            seed_rank_streams(cfg.optim.seed, session.rank, at)
+            seed_rank_streams(cfg.optim.seed, session.rank, at, session.device)
             if every and at % every == 0 and session.preemption_pending():
                 checkpoint({"epoch": epoch, "step": at, "world_size": session.world_size, "preemption_checkpoint": True}, epoch, at, progress)
 

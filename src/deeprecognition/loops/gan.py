@@ -127,7 +127,7 @@ def _build(cfg: GanConfig, session: Session, image_size: int) -> tuple[GanNets, 
 def _reseed(cfg: GanConfig, session: Session, noise: torch.Generator, iteration: int) -> None:
     """Each rank's streams for `iteration` (see loops/resume.py): its label noise and its own
     latents (the same latents on every rank would waste the ranks' generated halves)."""
-    seed_rank_streams(cfg.optim.seed, session.rank, iteration)
+    seed_rank_streams(cfg.optim.seed, session.rank, iteration, session.device)
     noise.manual_seed(stream_seed(cfg.optim.seed, session.rank, iteration, NOISE_STREAM))
 
 
