@@ -21,6 +21,10 @@ RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('/tmp/pyproject
 RUN --mount=type=bind,from=wheel,source=/home/ray/wheels,target=/tmp/wheels \
     pip install --no-cache-dir --no-deps /tmp/wheels/deeprecognition-*.whl
 
+# The dashboard's Train page (runs, workers, their state) reads what Ray Train records only with
+# this set; without it the page answers HTTP 500.
+ENV RAY_TRAIN_ENABLE_STATE_TRACKING=1
+
 # The base image's non-root user `ray` (uid 1000, group users), by number so that Kubernetes'
 # runAsNonRoot can check it.
 USER 1000:100

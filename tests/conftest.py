@@ -43,6 +43,15 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shard_cache(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The node-local shard cache of this run alone (every process of it, Ray's included, inherits
+    the variable): shards cached by an earlier run would hide S3 reads a test counts or faults."""
+    folder = str(tmp_path_factory.mktemp("shard-cache"))
+    os.environ["DEEPREC_CACHE_DIR"] = folder
+    return folder
+
+
 @pytest.fixture(scope="session")
 def s3() -> Iterator[str]:
     """A real S3 server (moto) on 127.0.0.1 with one bucket; its URL is in AWS_ENDPOINT_URL."""
@@ -67,10 +76,16 @@ def s3() -> Iterator[str]:
 
 @pytest.fixture(scope="session")
 def ray_cluster(s3: str) -> Iterator[None]:
-    """One local Ray for the whole run (address="local": never someone else's cluster)."""
+    """One local Ray for the whole run (address="local": never someone else's cluster), its
+    dashboard on a port of its own that its processes are told (raycluster._start_local_ray: Ray
+    Train's placement-group cleaner would otherwise ask whichever dashboard holds 8265)."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=True, log_to_driver=False)
+    from deeprecognition.raycluster import _free_local_port
+
+    port = _free_local_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=False)
     yield
     ray.shutdown()
 

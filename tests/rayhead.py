@@ -20,7 +20,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,26 +38,29 @@ class RayHead:
     env: dict[str, str]  # the head's environment; its token is what the `ray` CLI authenticates with
     process: subprocess.Popen
     temp_dir: str
+    gcs_address: str = ""  # 127.0.0.1:PORT: what `ray start --address` of a joining node takes
+    nodes: list[subprocess.Popen] = field(default_factory=list)  # worker nodes that joined
 
     @classmethod
     def start(cls, env: dict[str, str], num_cpus: int, timeout_s: float = 120) -> RayHead:
         """`ray start --head --block` in a new process session; returns once the jobs API answers."""
         # Short on purpose: Ray's unix sockets live under it, and their paths must fit in 107 bytes.
         temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")
-        env = {k: v for k, v in env.items() if k != "RAY_ADDRESS"}
+        # Not the test session's cluster: neither its address nor its state API (conftest.ray_cluster).
+        env = {k: v for k, v in env.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
         # `python` in an entrypoint must be this interpreter, as it is the image's on a cluster.
         env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), PATH=f"{os.path.dirname(sys.executable)}:{env.get('PATH', '')}")
         # On SIGTERM a node drains for up to 30 s before stopping: a test's head has nothing to hand over.
         env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
-        dashboard_port = _free_port()
+        dashboard_port, gcs_port = _free_port(), _free_port()
         args = [
             RAY, "start", "--head", "--block", "--disable-usage-stats", f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", "--num-gpus=0",
-            f"--port={_free_port()}", f"--ray-client-server-port={_free_port()}", "--dashboard-host=127.0.0.1",
+            f"--port={gcs_port}", f"--ray-client-server-port={_free_port()}", "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={_free_port()}", "--object-store-memory=300000000",
         ]
         with open(os.path.join(temp_dir, "ray-start.log"), "w") as log:
             process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        head = cls(f"http://127.0.0.1:{dashboard_port}", env, process, temp_dir)
+        head = cls(f"http://127.0.0.1:{dashboard_port}", env, process, temp_dir, gcs_address=f"127.0.0.1:{gcs_port}")
         head._wait_until_ready(timeout_s)
         return head
 
@@ -94,23 +97,35 @@ class RayHead:
         """The jobs API's record of a job: status, message, driver_info, ..."""
         return self._get(f"/api/jobs/{submission_id}")  # type: ignore[return-value]
 
+    def join_node(self, num_cpus: int) -> None:
+        """A worker node joins the cluster (`ray start --address HEAD --block`), as a node the
+        autoscaler booted would."""
+        args = [RAY, "start", "--block", f"--address={self.gcs_address}", f"--num-cpus={num_cpus}", "--num-gpus=0", "--object-store-memory=200000000"]
+        with open(os.path.join(self.temp_dir, f"node-{len(self.nodes)}.log"), "w") as log:
+            self.nodes.append(subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+
     def stop(self) -> None:
-        """SIGTERM lets `ray start --block` drain and stop what it started; whatever is left of
-        its process session (workers included) is killed by pid."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                pass
-        for pid in _session_members(self.process.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        if self.process.poll() is None:
-            self.process.wait(timeout=10)
+        """The joined nodes, then the head: SIGTERM lets `ray start --block` drain and stop what it
+        started; whatever is left of each one's process session (workers included) is killed by pid."""
+        for process in [*self.nodes, self.process]:
+            _stop_session(process)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def _stop_session(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+    for pid in _session_members(process.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    if process.poll() is None:
+        process.wait(timeout=10)
 
 
 def _session_members(session: int) -> list[int]:

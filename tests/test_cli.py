@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from deeprecognition.cli import CLASSIFIER_FLAGS, GAN_FLAGS, _parser, main
+from deeprecognition.cli import CLASSIFIER_FLAGS, GAN_FLAGS, PLACEMENT_FLAGS, _parser, main
 
 from .conftest import BUCKET, SYNTH_N
 from .rayhead import REPO
@@ -84,14 +84,15 @@ def test_bench_pack_measures_one_shard_in_process(synth_root, capsys):
 
 
 def test_tune_json_prints_the_document_alone_and_rays_worker_lines_on_stderr(packed, tmp_path):
-    # Two trials whose workers print the same epoch lines: Ray deduplicates them across the two and
-    # holds them back until its aggregation window ends or the driver disconnects. A long window
-    # makes it the disconnect every time, as it is whenever the trials end within 5 s of each other.
+    # Two trials whose workers print the same epoch lines: with -v Ray deduplicates them across the
+    # two (as it does by default; without -v deeprec prints each as it comes) and holds them back
+    # until its aggregation window ends or the driver disconnects. A long window makes it the
+    # disconnect every time, as it is whenever the trials end within 5 s of each other.
     sweep = tmp_path / "two_depths.yaml"
     sweep.write_text(open(os.path.join(REPO, "tune_configs", "cnn_layers.yaml")).read().replace("{grid: [1, 2, 3, 4]}", "{grid: [1, 2]}"))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_DEDUP_LOGS_AGG_WINDOW_S": "600"}
     done = subprocess.run(
-        [sys.executable, "-m", "deeprecognition", "tune", str(sweep), "--data", packed.dest, "--storage", str(tmp_path / "sweeps"), "--smoke", "--json"],
+        [sys.executable, "-m", "deeprecognition", "-v", "tune", str(sweep), "--data", packed.dest, "--storage", str(tmp_path / "sweeps"), "--smoke", "--json"],
         capture_output=True, text=True, env=env,  # no RAY_ADDRESS: the command starts a local Ray of its own
     )
     assert done.returncode == 0, done.stderr[-3000:]
@@ -109,7 +110,7 @@ def _subcommand(parser: argparse.ArgumentParser, *names: str) -> argparse.Argume
     return parser
 
 
-TRAIN_FIELDS = {"classifier": CLASSIFIER_FLAGS, "gan": GAN_FLAGS}
+TRAIN_FIELDS = {"classifier": CLASSIFIER_FLAGS | PLACEMENT_FLAGS, "gan": GAN_FLAGS | PLACEMENT_FLAGS}
 # Every numeric flag of both train commands, read from the parser: a new one is covered as it lands.
 NUMERIC_TRAIN_FLAGS = [(job, action.option_strings[0], action.dest) for job in TRAIN_FIELDS
                        for action in _subcommand(_parser(), "train", job)._actions if action.type in (int, float)]

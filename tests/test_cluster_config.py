@@ -114,6 +114,30 @@ def test_aws_node_types_follow_the_rules_ray_does_not_check():
     assert not SECRETS.search(read("cluster/aws.yaml"))
 
 
+def test_every_aws_gpu_node_type_names_a_gpu_type_that_gpu_type_accepts():
+    from deeprecognition.placement import ACCELERATOR_PREFIX, check_gpu_type
+
+    named = {}
+    for name, node in AWS["available_node_types"].items():
+        types = [k[len(ACCELERATOR_PREFIX):] for k in node["resources"] if k.startswith(ACCELERATOR_PREFIX)]
+        assert len(types) == (1 if node["resources"].get("GPU") else 0), name
+        if types:
+            named[name] = types[0]
+    for gpu_type in set(named.values()):
+        check_gpu_type(gpu_type)  # the autoscaler starts these nodes for `--gpu-type NAME`
+    assert set(named.values()) == {"L40S", "A100", "H100"}
+    with pytest.raises(ValueError, match="did you mean H100"):
+        check_gpu_type("h100")
+
+
+def test_the_image_and_both_cluster_files_turn_on_the_dashboards_train_page():
+    assert re.search(r"^ENV RAY_TRAIN_ENABLE_STATE_TRACKING=1$", read("Dockerfile"), re.M)
+    assert "--env RAY_TRAIN_ENABLE_STATE_TRACKING=1" in AWS["docker"]["run_options"]
+    cluster = RAYJOB["spec"]["rayClusterSpec"]
+    containers = [c for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]] for c in g["template"]["spec"]["containers"]]
+    assert all({"name": "RAY_TRAIN_ENABLE_STATE_TRACKING", "value": "1"} in c["env"] for c in containers)
+
+
 def test_the_one_time_iam_script_is_valid_bash():
     assert subprocess.run(["bash", "-n", os.path.join(REPO, "cluster/aws-iam.sh")]).returncode == 0
 

@@ -196,7 +196,10 @@ def test_kill_9_during_a_checkpoint_upload_leaves_nothing_taken_for_a_checkpoint
     proc = subprocess.Popen([sys.executable, "-c", UPLOAD, str(tmp_path / "killed"), f"{run}/checkpoint_000001"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _kill_when(proc, lambda: proxy.stalls > 0 and storage.exists(f"{run}/checkpoint_000001/metrics.json"), "upload under way")
+        # Killed once the small files are up and state.pt is stuck: a folder without checksums.json
+        # or state.pt yet is no checkpoint folder at all (never listed, not even as incomplete).
+        small = ("metrics.json", "checksums.json")
+        _kill_when(proc, lambda: proxy.stalls > 0 and all(storage.exists(f"{run}/checkpoint_000001/{n}") for n in small), "upload under way")
     finally:
         proxy.stop()
     left = set(storage.list_names(f"{run}/checkpoint_000001"))

@@ -23,6 +23,7 @@ from deeprecognition.launch import build_trainer
 from deeprecognition.loops.classifier import build_model
 from deeprecognition.loops.session import Session
 from deeprecognition.models.gan import build_gan
+from deeprecognition.placement import plan
 from deeprecognition.trained import TrainedClassifier
 
 SIDE = 32  # image side of the tiny models below
@@ -153,7 +154,7 @@ def test_ray_keeps_the_best_fid_checkpoint_and_the_latest(ray_cluster, tmp_path)
         _reports_gan_checkpoints,
         train_loop_config={"run_dir": str(tmp_path / "gan"), "fids": [*GAN_FIDS, (500, None)]},
         scaling_config=ScalingConfig(num_workers=1),
-        run_config=build_trainer(cfg).run_config,
+        run_config=build_trainer(cfg, plan(cfg, shapes=[])).run_config,
     )
     assert trainer.fit().error is None
     [run] = list_runs(str(tmp_path / "gan"))

@@ -20,7 +20,8 @@ import yaml
 from deeprecognition import storage
 from deeprecognition.cli import main
 from deeprecognition.sweep.spec import load_spec
-from deeprecognition.sweep.tuner import SweepOptions, param_space, run_sweep
+from deeprecognition.sweep.trial import TrialPlan
+from deeprecognition.sweep.tuner import SweepOptions, _fresh, param_space, run_sweep
 
 from .conftest import BUCKET
 
@@ -56,6 +57,9 @@ BAD = {
     "bad scheduler": ({"scheduler": {"name": "asha", "grace_period": 5, "max_t": 2}}, "grace_period <= max_t"),
     "too many workers": ({"trial": {"workers": 8}}, "8 CPU .* can hold at most 4 CPU"),
     "gpu on a CPU cluster": ({"trial": {"gpu": True}}, "can hold at most 0 GPU"),
+    "loader CPUs of a GPU trial": ({"trial": {"gpu": True}, "set": {"data.loader_workers": 9}}, r"needs 1 GPU, 10 CPU"),
+    "misspelt GPU type": ({"trial": {"gpu": True}, "set": {"scale.gpu_type": "a100"}}, "did you mean A100"),
+    "negative retries": ({"trial": {"max_failures": -1}}, "trial.max_failures must be 0"),
 }
 
 
@@ -69,6 +73,15 @@ def test_a_bad_sweep_file_fails_before_any_trial(case, packed, tmp_path, capsys)
     assert err.startswith("deeprec tune: error:") and len(err.strip().splitlines()) == 1
     assert re.search(message, err), err
     assert time.monotonic() - start < 5 and not (tmp_path / "sweeps").exists()
+
+
+def test_a_trial_whose_driver_dies_runs_again_as_many_times_as_the_file_says(tmp_path):
+    (tmp_path / "retries.yaml").write_text(yaml.safe_dump({**GOOD, "trial": {"max_failures": 3}}))
+    spec = load_spec(str(tmp_path / "retries.yaml"))
+    plan = TrialPlan(kind=spec.kind, base={}, fields={}, metric=spec.metric, runs=str(tmp_path / "trials"))
+    tuner = _fresh(spec, str(tmp_path), "retries", lambda values: None, plan)
+    assert tuner._local_tuner.get_run_config().failure_config.max_failures == 3
+    assert load_spec(str(SWEEPS / "cnn_layers.yaml")).trial.max_failures == 2  # the default
 
 
 def _interrupt_after(log_uri: str, ended: int) -> threading.Thread:

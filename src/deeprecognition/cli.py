@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Iterator
 
 from deeprecognition.errors import DeepRecError
+from deeprecognition.raycluster import ray_console
 
 log = logging.getLogger("deeprecognition")
 
@@ -81,11 +82,13 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from deeprecognition.bench import bench_gan, bench_loader, bench_pack, bench_train
+    from deeprecognition.bench import bench_checkpoint, bench_gan, bench_loader, bench_pack, bench_train
 
     if args.what == "gan":
         result = bench_gan(size=args.size, batch_sizes=tuple(int(b) for b in args.batch_sizes.split(",")), iterations=args.steps or 3,
                            presets=tuple(args.gan_presets.split(",")))
+    elif args.what == "checkpoint":
+        result = bench_checkpoint(size_mb=args.size_mb, bandwidth_mb_per_s=args.bandwidth_mbps, checkpoints=args.steps or 3, compute_s=args.compute_s)
     elif args.data is None:
         raise ValueError(f"bench {args.what} needs DATA: a packed dataset (loader, train) or a CelebA source (pack)")
     elif args.what == "loader":
@@ -108,15 +111,26 @@ CLASSIFIER_FLAGS = {
     "layers": "model.layers", "freeze": "model.freeze", "weights": "model.weights", "epochs": "optim.epochs",
     "lr": "optim.lr", "steps_per_epoch": "optim.steps_per_epoch", "num_workers": "scale.num_workers",
     "gpu": "scale.gpu", "max_failures": "scale.max_failures", "elastic": "scale.elastic_min",
-    "storage": "storage", "name": "name",
+    "storage": "storage", "name": "name", "checkpoint_every": "optim.checkpoint_every",
 }
+
+
+# Where and how long a run (either kind) waits for its workers: placement.py.
+PLACEMENT_FLAGS = {"start_timeout": "scale.start_timeout_s", "gpu_type": "scale.gpu_type", "spread": "scale.spread"}
+
+
+def _add_placement_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--start-timeout", type=int, metavar="SECONDS", help="wait this long for the cluster to make room for the workers "
+                                                                         "(an autoscaler boots GPU nodes in minutes) [1800]")
+    p.add_argument("--gpu-type", metavar="NAME", help="only GPUs of this type (Ray's accelerator_type: H100, A100, L40S, ...)")
+    p.add_argument("--spread", action="store_true", help="workers on different nodes where possible (default: a run that fits on one node packs onto it)")
 
 
 def classifier_config(args: argparse.Namespace):
     from deeprecognition.config import ClassifierConfig, apply_overrides, preset
 
     cfg = preset(args.preset) if args.preset else ClassifierConfig()
-    return apply_overrides(cfg, given_flags(args, CLASSIFIER_FLAGS) + list(args.set)).validate()
+    return apply_overrides(cfg, given_flags(args, CLASSIFIER_FLAGS | PLACEMENT_FLAGS) + list(args.set)).validate()
 
 
 def given_flags(args: argparse.Namespace, fields: dict[str, str]) -> list[str]:
@@ -170,7 +184,7 @@ def gan_config(args: argparse.Namespace):
 
     if args.preset not in GAN_PRESETS:
         raise ValueError(f"unknown GAN preset {args.preset!r}; presets: {', '.join(GAN_PRESETS)}")
-    return apply_overrides(GAN_PRESETS[args.preset](), given_flags(args, GAN_FLAGS) + list(args.set)).validate()
+    return apply_overrides(GAN_PRESETS[args.preset](), given_flags(args, GAN_FLAGS | PLACEMENT_FLAGS) + list(args.set)).validate()
 
 
 def _add_train_gan(sub: argparse._SubParsersAction) -> None:
@@ -194,6 +208,7 @@ def _add_train_gan(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-workers", type=int)
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--max-failures", type=int)
+    _add_placement_args(p)
     p.add_argument("--storage")
     p.add_argument("--name")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
@@ -215,10 +230,12 @@ def _add_train_classifier(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, help="per worker")
     p.add_argument("--lr", type=float)
     p.add_argument("--steps-per-epoch", type=int, help="cap steps per epoch (smoke runs)")
+    p.add_argument("--checkpoint-every", type=int, metavar="N", help="a checkpoint every N epochs; the last epoch always has one [1]")
     p.add_argument("--num-workers", type=int, help="Ray Train workers (DDP ranks)")
     p.add_argument("--gpu", action="store_true")
     p.add_argument("--max-failures", type=int)
     p.add_argument("--elastic", type=int, help="keep training on as few as MIN workers")
+    _add_placement_args(p)
     p.add_argument("--storage", help="run storage: local folder or s3://bucket/prefix")
     p.add_argument("--name", help="run name; the same storage and name resume the run")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE", help="any config field, e.g. model.dense=256")
@@ -394,9 +411,12 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_stats)
 
     p = sub.add_parser("bench", help="throughput benchmarks with their baselines")
-    p.add_argument("what", choices=["pack", "loader", "train", "gan"])
-    p.add_argument("data", nargs="?", help="loader, train: a packed dataset; pack: a CelebA source; gan: none")
-    p.add_argument("--steps", type=int, help="train: steps per measured epoch [30]; gan: measured iterations [3]")
+    p.add_argument("what", choices=["pack", "loader", "train", "gan", "checkpoint"])
+    p.add_argument("data", nargs="?", help="loader, train: a packed dataset; pack: a CelebA source; gan, checkpoint: none")
+    p.add_argument("--steps", type=int, help="train: steps per measured epoch [30]; gan: measured iterations [3]; checkpoint: checkpoints per mode [3]")
+    p.add_argument("--size-mb", type=float, default=32, help="checkpoint: MB per checkpoint [32]")
+    p.add_argument("--bandwidth-mbps", type=float, default=16, help="checkpoint: the link to S3, in megabytes (not bits) per second [16]")
+    p.add_argument("--compute-s", type=float, help="checkpoint: training between checkpoints, seconds [1.25x one upload at that bandwidth]")
     p.add_argument("--size", type=int, default=64, help="gan: image side [64]")
     p.add_argument("--batch-sizes", default="16,128", help="gan: comma list [16,128]")
     p.add_argument("--gan-presets", default="paper-gan,dcgan", help="gan: comma list [paper-gan,dcgan]")
@@ -501,7 +521,7 @@ def _stdout_to_stderr() -> Iterator[None]:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    # -v: this package's debug messages, others' from INFO up. Debug logs of botocore and urllib3
+    # -v: this package's debug messages, others' from INFO up, Ray's internals on the console (raycluster.ray_console). Debug logs of botocore and urllib3
     # print request headers, whose signature names the access key: credentials never reach a log.
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.verbose:
@@ -512,7 +532,8 @@ def main(argv: list[str] | None = None) -> int:
         set_endpoint_url(args.endpoint_url)
     run: Callable[[argparse.Namespace], int] = args.run
     try:
-        return _run_for_json(run, args) if getattr(args, "json", False) else run(args)
+        with ray_console(args.verbose):
+            return _run_for_json(run, args) if getattr(args, "json", False) else run(args)
     except (DeepRecError, ValueError) as err:
         print(f"deeprec {args.command}: error: {err}", file=sys.stderr)
         return 2

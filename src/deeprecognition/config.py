@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from deeprecognition.celeba.attributes import CELEBA_ATTRIBUTES, attribute_index
+from deeprecognition.shards.cache import CACHE_SETTINGS, DEFAULT_CAP_GB
+from deeprecognition.shards.device_decode import DECODES, NEEDS_GPU
 from deeprecognition.shards.sampling import SAMPLING
 
 T = TypeVar("T")
@@ -54,6 +57,15 @@ def check_fields(choices: tuple[tuple[str, str, tuple[str, ...]], ...], positive
             raise ValueError(f"{name} must be 0 (off) or more, got {count}")
 
 
+def check_cache_and_decode(data: DataConfig | GanDataConfig, gpu: bool) -> None:
+    """data.cache, data.cache_gb and data.decode, which both data configs have."""
+    if data.cache not in CACHE_SETTINGS and not os.path.isabs(data.cache):
+        raise ValueError(f"data.cache must be auto, off or an absolute folder (each node's own), got {data.cache!r}")
+    check_fields(choices=(("data.decode", data.decode, DECODES),), positives=(("data.cache_gb", data.cache_gb),))
+    if data.decode == "gpu" and not gpu:
+        raise ValueError(f"{NEEDS_GPU}; this run has scale.gpu=false: add --gpu, or drop data.decode=gpu")
+
+
 @dataclass(kw_only=True)
 class ModelConfig:
     name: str = "cnn"  # cnn | resnet50
@@ -74,6 +86,11 @@ class DataConfig:
     # epoch: each epoch a seeded permutation of the train split, every image once (a few repeats
     # even out the ranks); resample: shards drawn with replacement (~64% of images per epoch)
     sampling: str = "epoch"
+    # An s3:// dataset's shards are fetched once per node into this cache (shards/cache.py): auto =
+    # $DEEPREC_CACHE_DIR, else ~/.cache/deeprecognition/shards, on each node; off: read from S3 each time
+    cache: str = "auto"
+    cache_gb: float = DEFAULT_CAP_GB  # the cache's cap; it never takes more than half the free disk either
+    decode: str = "cpu"  # JPEGs decoded by the loader's CPU workers, or gpu: on the training GPU (nvJPEG)
 
 
 @dataclass(kw_only=True)
@@ -84,6 +101,7 @@ class OptimConfig:
     seed: int = 0
     steps_per_epoch: int | None = None  # cap, for smoke runs; None: a full epoch of the train split
     compile: bool = False  # torch.compile the model (GPU)
+    checkpoint_every: int = 1  # epochs between checkpoints; the last epoch's and preemption checkpoints are always written
 
 
 @dataclass(kw_only=True)
@@ -97,12 +115,23 @@ class ScaleConfig:
     # each a Ray collective of ~1-7 ms; 0: never check. README "Reliability" has the arithmetic.
     preemption_check_every: int = 50
     # A rank that waits longer than this in one collective fails the run instead of hanging it
-    # (a rank that died, or ranks that disagree on which collective comes next).
-    collective_timeout_s: int = 1800
+    # (a rank that died, or ranks that disagree on which collective comes next). Above the longest
+    # stretch one rank works alone (a synchronous final checkpoint of a few hundred MB), far below
+    # NCCL's 30 minutes.
+    collective_timeout_s: int = 600
+    # How long a run (or a sweep trial) waits for the cluster to make room for its workers: an
+    # autoscaler boots GPU nodes in minutes (placement.py).
+    start_timeout_s: int = 1800
+    gpu_type: str = ""  # Ray's accelerator_type of the workers' GPUs (H100, A100, L40S, ...); "" any
+    spread: bool = False  # one worker per node where possible, instead of packing a run that fits onto one node
 
     def positives(self) -> tuple[tuple[str, float | None], ...]:
         return (("scale.num_workers", self.num_workers), ("scale.elastic_min", self.elastic_min), ("scale.keep_checkpoints", self.keep_checkpoints),
-                ("scale.collective_timeout_s", self.collective_timeout_s))
+                ("scale.collective_timeout_s", self.collective_timeout_s), ("scale.start_timeout_s", self.start_timeout_s))
+
+    def check(self) -> None:
+        if self.gpu_type and not self.gpu:
+            raise ValueError(f"scale.gpu_type={self.gpu_type} needs scale.gpu=true (--gpu)")
 
     def non_negatives(self) -> tuple[tuple[str, float], ...]:
         return (("scale.max_failures", self.max_failures), ("scale.preemption_check_every", self.preemption_check_every))
@@ -130,10 +159,13 @@ class ClassifierConfig:
         check_fields(
             choices=(("model.freeze", self.model.freeze, ("all", "none", "paper")), ("data.sampling", self.data.sampling, SAMPLING)),
             positives=(("optim.epochs", self.optim.epochs), ("optim.lr", self.optim.lr), ("optim.steps_per_epoch", self.optim.steps_per_epoch),
+                       ("optim.checkpoint_every", self.optim.checkpoint_every),
                        ("data.batch_size", self.data.batch_size), ("model.dense", self.model.dense), ("model.head_width", self.model.head_width),
                        *self.scale.positives()),
             non_negatives=(("optim.weight_decay", self.optim.weight_decay), ("data.loader_workers", self.data.loader_workers), *self.scale.non_negatives()),
         )
+        check_cache_and_decode(self.data, self.scale.gpu)
+        self.scale.check()
         return self
 
 
@@ -287,6 +319,9 @@ class GanDataConfig:
     batch_size: int = 16  # per worker
     loader_workers: int = 2
     sampling: str = "epoch"  # as DataConfig.sampling
+    cache: str = "auto"  # as DataConfig.cache
+    cache_gb: float = DEFAULT_CAP_GB
+    decode: str = "cpu"  # as DataConfig.decode
     # The study's "a network decides which faces are attractive": keep the real faces that this
     # trained classifier (checkpoint or run folder) scores >= threshold on classifier_attribute.
     where_classifier: str = ""
@@ -349,12 +384,14 @@ class GanConfig:
                            ("schedule.eval_every", sched.eval_every), ("optim.clip", optim.clip), ("optim.label_noise", optim.label_noise),
                            ("data.loader_workers", self.data.loader_workers), *self.scale.non_negatives()),
         )
+        check_cache_and_decode(self.data, self.scale.gpu)
         if self.eval.samples < 2:
             raise ValueError(f"eval.samples must be at least 2 (FID needs a covariance), got {self.eval.samples}")
         if not 0 < self.data.threshold < 1:
             raise ValueError(f"data.threshold must be between 0 and 1, got {self.data.threshold}")
         if self.schedule.eval_every and not (self.eval.classifier or self.eval.inception_weights):
             raise ValueError("schedule.eval_every needs eval.classifier (a trained classifier checkpoint) or eval.inception_weights")
+        self.scale.check()
         return self
 
 

@@ -14,6 +14,8 @@ from deeprecognition import storage
 from deeprecognition.catalog import ray_checkpoint_config
 from deeprecognition.config import ClassifierConfig, GanConfig, to_dict
 from deeprecognition.loops.classifier import train_loop_per_worker
+from deeprecognition.placement import Placement, check_gpu_type, plan, ray_start_timeout, scaling_config, wait_for_capacity
+from deeprecognition.shards.device_decode import check_decode
 from deeprecognition.shards.manifest import read_manifest
 
 if TYPE_CHECKING:
@@ -26,7 +28,7 @@ T = TypeVar("T", ClassifierConfig, GanConfig)
 def check_before_workers(cfg: ClassifierConfig | GanConfig) -> None:
     """What would otherwise fail inside every worker after a 30 s start: fail on the driver."""
     cfg.validate()
-    read_manifest(cfg.data.data)
+    check_decode(cfg.data.decode, read_manifest(cfg.data.data).image.encoding)  # gpu: JPEG datasets only
     if isinstance(cfg, ClassifierConfig) and cfg.model.name == "resnet50":
         from deeprecognition.models.transfer import load_backbone_weights
 
@@ -67,17 +69,16 @@ def _absolute(uri: str) -> str:
     return ray_storage_path(uri) if uri else uri
 
 
-def build_trainer(cfg: ClassifierConfig | GanConfig, callbacks: Sequence[UserCallback] = ()) -> TorchTrainer:
-    """The TorchTrainer of a checked config with absolute paths, its run at `cfg.storage/cfg.name`.
-    Checkpoints are kept by catalog's ranking (catalog.ray_checkpoint_config). `callbacks` see
-    every report (a Tune sweep passes TuneReportCallback to carry the metrics to its scheduler)."""
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+def build_trainer(cfg: ClassifierConfig | GanConfig, placement: Placement, callbacks: Sequence[UserCallback] = ()) -> TorchTrainer:
+    """The TorchTrainer of a checked config with absolute paths, its run at `cfg.storage/cfg.name`,
+    its workers placed as `placement` says. Checkpoints are kept by catalog's ranking
+    (catalog.ray_checkpoint_config). `callbacks` see every report (a Tune sweep passes
+    TuneReportCallback to carry the metrics to its scheduler)."""
+    from ray.train import FailureConfig, RunConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from deeprecognition.raycluster import worker_runtime_env
+    from deeprecognition.raycluster import train_logging_config, worker_runtime_env
 
-    scale = cfg.scale
-    workers = (scale.elastic_min, scale.num_workers) if scale.elastic_min else scale.num_workers
     if isinstance(cfg, GanConfig):
         from deeprecognition.loops.gan import train_loop_per_worker as loop
     else:
@@ -87,17 +88,30 @@ def build_trainer(cfg: ClassifierConfig | GanConfig, callbacks: Sequence[UserCal
         train_loop_config=to_dict(cfg),
         # A collective that waits longer fails the run (and Ray restarts it from its checkpoint)
         # instead of holding every GPU of the job until someone notices.
-        torch_config=TorchConfig(timeout_s=scale.collective_timeout_s),
-        scaling_config=ScalingConfig(num_workers=workers, use_gpu=scale.gpu),
+        torch_config=TorchConfig(timeout_s=cfg.scale.collective_timeout_s),
+        scaling_config=scaling_config(cfg, placement),
         run_config=RunConfig(
             name=cfg.name,
             storage_path=ray_storage_path(cfg.storage),
-            failure_config=FailureConfig(max_failures=scale.max_failures, controller_failure_limit=3),
+            # Waiting for capacity spends none of the controller's failure budget: the driver waits
+            # first (fit), and Ray's own wait is as long as ours (placement.ray_start_timeout).
+            failure_config=FailureConfig(max_failures=cfg.scale.max_failures, controller_failure_limit=3),
             checkpoint_config=ray_checkpoint_config(cfg),
             worker_runtime_env=worker_runtime_env(),
+            logging_config=train_logging_config(),
             callbacks=list(callbacks),
         ),
     )
+
+
+def fit(cfg: ClassifierConfig | GanConfig, callbacks: Sequence[UserCallback] = ()) -> Result:
+    """Wait (up to scale.start_timeout_s) until the connected cluster can place the run's workers,
+    then fit: what `deeprec train` and every sweep trial do."""
+    check_gpu_type(cfg.scale.gpu_type)
+    placement = plan(cfg)
+    wait_for_capacity(placement, cfg.scale.start_timeout_s)
+    with ray_start_timeout(None if cfg.scale.elastic_min else cfg.scale.start_timeout_s):
+        return build_trainer(cfg, placement, callbacks).fit()
 
 
 def run(cfg: ClassifierConfig | GanConfig) -> Result:
@@ -108,4 +122,4 @@ def run(cfg: ClassifierConfig | GanConfig) -> Result:
     cfg = absolute_paths(cfg)
     check_before_workers(cfg)
     ensure_ray()
-    return build_trainer(cfg).fit()
+    return fit(cfg)

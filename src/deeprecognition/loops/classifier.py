@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from deeprecognition import storage
+from deeprecognition.background import BackgroundWriter
 from deeprecognition.config import ClassifierConfig, from_dict, to_dict
 from deeprecognition.distributed import all_sum
 from deeprecognition.loops.feature_cache import FeatureCache
@@ -24,6 +25,7 @@ from deeprecognition.loops.resume import apply_hyperparameters, seed_rank_stream
 from deeprecognition.loops.session import Session
 from deeprecognition.metrics import AttributeMetrics, majority_vector
 from deeprecognition.report import RunLog
+from deeprecognition.shards.device_decode import images_on, require_cuda
 from deeprecognition.shards.loader import LoaderConfig, make_loader
 from deeprecognition.shards.manifest import Manifest, read_manifest
 
@@ -61,7 +63,8 @@ class InputNorm(nn.Module):
 
 
 def _loaders(cfg: ClassifierConfig, session: Session, attributes: tuple[str, ...]):
-    common = dict(data=cfg.data.data, targets=attributes, batch_size=cfg.data.batch_size, num_workers=cfg.data.loader_workers, seed=cfg.optim.seed)
+    common = dict(data=cfg.data.data, targets=attributes, batch_size=cfg.data.batch_size, num_workers=cfg.data.loader_workers, seed=cfg.optim.seed,
+                  cache=cfg.data.cache, cache_gb=cfg.data.cache_gb, decode=cfg.data.decode)
     train = make_loader(LoaderConfig(split="train", sampling=cfg.data.sampling, **common), session.rank, session.world_size, pin_memory=session.device.type == "cuda")
     val, test = (make_loader(LoaderConfig(split=split, training=False, **common), session.rank, session.world_size) for split in ("val", "test"))
     return train, val, test
@@ -85,7 +88,7 @@ def evaluate(model: nn.Module, norm: nn.Module, loader, attributes: tuple[str, .
     model.eval()
     with torch.no_grad():
         for batch in loader:
-            logits = model(norm(batch.images.to(device, non_blocking=True)))
+            logits = model(norm(images_on(batch.images, device)))
             metrics.update(logits.float(), batch.targets.to(device, non_blocking=True))
     return AttributeMetrics.from_counts(attributes, all_sum(metrics.counts()).cpu(), majority).compute()
 
@@ -118,7 +121,7 @@ def _train_epoch(model, norm, loader, optimizer, cfg: ClassifierConfig, device: 
             break
         if index < progress.steps:  # trained before the mid-epoch checkpoint this run resumed from
             continue
-        images = norm(batch.images.to(device, non_blocking=True))
+        images = norm(images_on(batch.images, device))
         targets = batch.targets.to(device, non_blocking=True).float()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(images).float()
@@ -177,7 +180,9 @@ def _feature_caches(cfg: ClassifierConfig, session: Session, model: nn.Module, n
     caches = []
     for split, training in (("train", True), ("val", False), ("test", False)):
         loader = make_loader(
-            LoaderConfig(data=cfg.data.data, split=split, targets=attributes, training=False, batch_size=cfg.data.batch_size, num_workers=cfg.data.loader_workers),
+            # Decoded on the CPU whatever data.decode says: FeatureCache moves decoded images; each is read once.
+            LoaderConfig(data=cfg.data.data, split=split, targets=attributes, training=False, batch_size=cfg.data.batch_size, num_workers=cfg.data.loader_workers,
+                         cache=cfg.data.cache, cache_gb=cfg.data.cache_gb),
             session.rank, session.world_size,
         )
         caches.append(FeatureCache.build(model, norm, loader, session.device, training, session.world_size, cfg.optim.seed, session.rank))
@@ -189,9 +194,15 @@ def uses_feature_cache(cfg: ClassifierConfig) -> bool:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    with BackgroundWriter() as writer:  # rank 0's log writes, drained on the way out, failed or not
+        _train(config, writer)
+
+
+def _train(config: dict[str, Any], writer: BackgroundWriter) -> None:
     cfg = from_dict(ClassifierConfig, config).validate()
     attributes = cfg.attributes()
     session = Session.current(storage.join(cfg.storage, cfg.name), cfg.scale.gpu, cfg.scale.keep_checkpoints)
+    require_cuda(cfg.data.decode, session.device)
     torch.manual_seed(cfg.optim.seed)  # the same initial weights on every rank
     manifest = read_manifest(cfg.data.data)
     model = build_model(cfg, len(attributes), manifest.image.size).to(session.device)
@@ -213,13 +224,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if cfg.optim.compile:
         runner = torch.compile(runner)
     majority = majority_of(manifest, attributes)
-    log = RunLog(session.run_dir, to_dict(cfg), start_epoch) if session.rank == 0 else None
+    log = RunLog(session.run_dir, to_dict(cfg), start_epoch, writer=writer) if session.rank == 0 else None
     every = cfg.scale.preemption_check_every
 
-    def checkpoint(metrics: dict[str, Any], epoch: int, at: int, progress: EpochProgress | None = None) -> None:
-        """Every rank reports; rank 0's state is the checkpoint."""
+    def checkpoint(metrics: dict[str, Any], epoch: int, at: int, progress: EpochProgress | None = None, background: bool = False) -> None:
+        """Every rank reports; rank 0's state is the checkpoint (uploaded while training goes on with `background`)."""
         state = _state(cfg, model, optimizer, epoch, at, attributes, manifest.image.size, majority, progress) if session.rank == 0 else None
-        session.report(metrics, state)
+        session.report(metrics, state, background)
 
     for epoch in range(start_epoch, cfg.optim.epochs):
         train.dataset.set_epoch(epoch)
@@ -258,7 +269,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             )
         if log is not None:
             log.log(metrics)
-        checkpoint(metrics, epoch, step)
+        last = epoch == cfg.optim.epochs - 1
+        if last or (epoch + 1) % cfg.optim.checkpoint_every == 0:
+            checkpoint(metrics, epoch, step, background=not last)  # the last one is in storage when fit() returns
+        else:  # every epoch's metrics still reach Ray, and Tune's schedulers
+            session.report(metrics, None, background=True)
     # A dataset packed from a partial CelebA copy may have no test images: report on val then.
     split, loader = ("test", test_loader) if manifest.splits["test"].samples else ("val", val)
     final = evaluate(plain, plain_norm, loader, attributes, majority, session.device)

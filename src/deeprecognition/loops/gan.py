@@ -17,6 +17,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from deeprecognition import storage
+from deeprecognition.background import BackgroundWriter
 from deeprecognition.catalog import with_ray_score
 from deeprecognition.config import GanConfig, from_dict, to_dict
 from deeprecognition.generate import contact_sheet_png, evenly_spaced, grid_png
@@ -207,9 +208,13 @@ def _progress_line(metrics: dict[str, Any], total: int) -> str:
     return line
 
 
+def _write_mosaic(uri: str, faces: Tensor) -> None:
+    storage.write_bytes_atomic(uri, grid_png(faces))
+
+
 def _finish(session: Session, log: RunLog, last: dict[str, Any]) -> None:
     """Rank 0: the metrics log, the final metrics as report.json, the mosaics' contact sheet."""
-    log.flush()
+    log.close()  # drains the background writes: every mosaic is in storage
     storage.write_bytes_atomic(storage.join(session.run_dir, "report.json"), json.dumps(last, indent=1).encode())
     folder = storage.join(session.run_dir, "mosaics")
     written = [int(n[5:-4]) for n in storage.list_names(folder) if n.startswith("iter-")]
@@ -220,13 +225,18 @@ def _finish(session: Session, log: RunLog, last: dict[str, Any]) -> None:
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
+    with BackgroundWriter() as writer:  # rank 0's mosaics and log writes, drained on the way out, failed or not
+        _train(config, writer)
+
+
+def _train(config: dict[str, Any], writer: BackgroundWriter) -> None:
     cfg = from_dict(GanConfig, config).validate()
     session = Session.current(storage.join(cfg.storage, cfg.name), cfg.scale.gpu, cfg.scale.keep_checkpoints)
     image_size = read_manifest(cfg.data.data).image.size
     nets, start, fixed = _build(cfg, session, image_size)
     noise = torch.Generator(session.device)
     rank0 = session.rank == 0
-    log = RunLog(session.run_dir, to_dict(cfg), start + 1, position="iteration") if rank0 else None
+    log = RunLog(session.run_dir, to_dict(cfg), start + 1, position="iteration", writer=writer) if rank0 else None
     evaluation = _Evaluation(cfg, session) if cfg.schedule.eval_every else None
     sched, total, every = cfg.schedule, cfg.optim.iterations, cfg.scale.preemption_check_every
     reals = real_batches(cfg, session.rank, session.world_size, session.device)
@@ -250,8 +260,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             metrics.update(evaluation(painter))
         if mosaic_now:
             with torch.no_grad():
-                faces = to_uint8(painter(fixed.to(session.device)).float())
-            storage.write_bytes_atomic(storage.join(session.run_dir, "mosaics", f"iter-{iteration:06d}.png"), grid_png(faces))
+                faces = to_uint8(painter(fixed.to(session.device)).float()).cpu()
+            uri = storage.join(session.run_dir, "mosaics", f"iter-{iteration:06d}.png")
+            writer.submit(uri, _write_mosaic, uri, faces)  # PNG and upload off the loop: the other ranks do not wait
         if checkpoint_now:
             metrics["ranks_in_sync"] = ranks_in_sync([nets.G, nets.D, nets.ema], session)
             if not metrics["ranks_in_sync"]:
@@ -264,6 +275,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             # bf16 autocast needs no gradient scaler, so there is no scaler state to keep.
             state = {**nets.state(), "iteration": iteration, "step": iteration, "image_size": image_size, "fixed_latents": fixed,
                      "config": to_dict(cfg)} if checkpoint_now and rank0 else None
-            session.report(with_ray_score(metrics) if checkpoint_now else metrics, state)
+            # The last and preemption checkpoints are in storage when this returns; the others upload while training goes on.
+            session.report(with_ray_score(metrics) if checkpoint_now else metrics, state, background=not (last or preempted))
     if log is not None and metrics:  # nothing to finish when the run was already at --iterations
         _finish(session, log, metrics)

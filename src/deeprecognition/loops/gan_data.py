@@ -11,6 +11,7 @@ import torch
 
 from deeprecognition.config import GanConfig
 from deeprecognition.distributed import gather_sizes
+from deeprecognition.shards.device_decode import images_on, require_cuda
 from deeprecognition.shards.loader import Batch, LoaderConfig, ShardStream, make_loader, parse_where
 from deeprecognition.trained import TrainedClassifier
 
@@ -42,11 +43,19 @@ def _filter(cfg: GanConfig, batches: Iterable[Batch], device: torch.device, batc
     return judged_positive(batches, classifier, cfg.data.classifier_attribute, cfg.data.threshold, batch_size)
 
 
+def on_device(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]:
+    """Batches with their images on `device`, decoded there when the loader handed over JPEG files."""
+    for batch in batches:
+        yield Batch(images_on(batch.images, device), batch.targets, batch.keys)
+
+
 def real_batches(cfg: GanConfig, rank: int, world_size: int, device: torch.device) -> Iterator[torch.Tensor]:
-    """An endless stream of this rank's real uint8 batches, all of exactly data.batch_size faces."""
+    """An endless stream of this rank's real uint8 batches on `device`, all of exactly data.batch_size faces."""
+    require_cuda(cfg.data.decode, device)
     config = LoaderConfig(
         data=cfg.data.data, split="train", targets=(), where=parse_where(cfg.data.where), batch_size=cfg.data.batch_size,
         num_workers=cfg.data.loader_workers, sampling=cfg.data.sampling, seed=cfg.optim.seed,
+        cache=cfg.data.cache, cache_gb=cfg.data.cache_gb, decode=cfg.data.decode,
     )
     loader = make_loader(config, rank, world_size, pin_memory=device.type == "cuda")
 
@@ -54,7 +63,7 @@ def real_batches(cfg: GanConfig, rank: int, world_size: int, device: torch.devic
         epoch = 0
         while True:
             loader.dataset.set_epoch(epoch)
-            yield from loader
+            yield from on_device(loader, device)
             epoch += 1
 
     for batch in _filter(cfg, epochs(), device, cfg.data.batch_size):
@@ -81,8 +90,12 @@ def reference_faces(cfg: GanConfig, n: int, device: torch.device, rank: int = 0,
     ceil(n / world_size) faces, the ranks learn how many of each chunk passed (the classifier
     filter, when there is one, keeps only some) and keep those that fall within the first n: one
     small collective per wave, the same number of waves on every rank. Without a classifier only
-    the faces kept are decoded. Targets: labels to bring along."""
-    stream = ShardStream(LoaderConfig(data=cfg.data.data, split="train", targets=targets, where=parse_where(cfg.data.where), training=False, batch_size=256, num_workers=0),
+    the faces kept are decoded. Targets: labels to bring along. The faces are decoded as the run's
+    training faces are (data.decode), except on a device without CUDA (`deeprec evaluate-gan` of a
+    GPU run on a laptop), where the CPU decodes them."""
+    decode = cfg.data.decode if device.type == "cuda" else "cpu"
+    stream = ShardStream(LoaderConfig(data=cfg.data.data, split="train", targets=targets, where=parse_where(cfg.data.where), training=False, batch_size=256, num_workers=0,
+                                      cache=cfg.data.cache, cache_gb=cfg.data.cache_gb, decode=decode),
                          rank=rank, world_size=world_size)
     judge = TrainedClassifier.load(cfg.data.where_classifier, device) if cfg.data.where_classifier else None
     chunk, found, start = math.ceil(n / world_size), 0, 0
@@ -91,13 +104,13 @@ def reference_faces(cfg: GanConfig, n: int, device: torch.device, rank: int = 0,
     while found < n and start < len(stream.rows):
         mine = stream.rows[start + rank * chunk : start + (rank + 1) * chunk]
         start += chunk * world_size
-        passed = _joined(stream, judged_positive(_read(stream, mine), judge, cfg.data.classifier_attribute, cfg.data.threshold, 256)) if judge else None
+        passed = _joined(stream, judged_positive(_read(stream, mine, device), judge, cfg.data.classifier_attribute, cfg.data.threshold, 256)) if judge else None
         counts = gather_sizes(len(mine) if passed is None else len(passed.keys), device)
         offset = found + sum(counts[:rank])
         take = max(0, min(counts[rank], n - offset))
         found += sum(counts)
         if take:
-            kept.append(_joined(stream, _read(stream, mine[:take])) if passed is None else Batch(*(field[:take] for field in passed)))
+            kept.append(_joined(stream, _read(stream, mine[:take], device)) if passed is None else Batch(*(field[:take] for field in passed)))
             positions.append(torch.arange(offset, offset + take))
     if not found:
         raise ValueError(f"no training faces in {cfg.data.data} match where={cfg.data.where!r}" + (" and the classifier filter" if judge else ""))
@@ -105,8 +118,8 @@ def reference_faces(cfg: GanConfig, n: int, device: torch.device, rank: int = 0,
     return RealShare(share.images, share.targets, share.keys, torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64), min(n, found))
 
 
-def _read(stream: ShardStream, rows) -> Iterator[Batch]:
-    return stream.batches(stream.samples(rows))
+def _read(stream: ShardStream, rows, device: torch.device) -> Iterator[Batch]:
+    return on_device(stream.batches(stream.samples(rows)), device)
 
 
 def _joined(stream: ShardStream, batches: Iterable[Batch]) -> Batch:

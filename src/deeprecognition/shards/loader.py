@@ -13,15 +13,16 @@ any shard is opened:
   is seen at least once per epoch; evaluation parts are not padded: each sample counts once;
 - `sampling="resample"` draws shards with replacement instead (WebDataset's `resampled=True`),
   for streams that want no epochs; an epoch then has the same length but no coverage guarantee.
-Each shard is read whole (one GET, retried as a unit), checked against its manifest sha256 and its
+Each shard is read whole (one GET, retried as a unit; from a remote dataset through the node's
+shard cache, shards/cache.py, when `cache` names one), checked against its manifest sha256 and its
 labels against the index, and walked in memory; images come out as uint8 (B, 3, H, W): float
-conversion happens on the device.
+conversion happens on the device. With `decode="gpu"` they come out as the batch's JPEG files
+instead, for the device to decode (shards/device_decode.py).
 """
 
 from __future__ import annotations
 
 import gc
-import hashlib
 import logging
 import math
 import mmap
@@ -40,6 +41,8 @@ from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 from deeprecognition import storage
 from deeprecognition.celeba.attributes import CELEBA_ATTRIBUTES, attribute_index
 from deeprecognition.errors import CorruptShardError
+from deeprecognition.shards.cache import ShardCache, check_shard
+from deeprecognition.shards.device_decode import EncodedImages, check_decode, encoded, stack_channels_last
 from deeprecognition.shards.labels import read_labels, split_rows
 from deeprecognition.shards.manifest import Manifest, ShardInfo, read_manifest
 from deeprecognition.shards.sampling import SAMPLING, SplitIndex, epoch_order, part_bounds, resampled_rows, slot_rows
@@ -57,7 +60,7 @@ Sample = tuple[str, memoryview, np.ndarray]
 
 
 class Batch(NamedTuple):
-    images: torch.Tensor  # (B, 3, H, W) uint8, channels_last memory
+    images: torch.Tensor | EncodedImages  # (B, 3, H, W) uint8, channels_last memory; decode="gpu": the JPEG files
     targets: torch.Tensor  # (B, T) uint8, T = len(targets)
     keys: list[str]  # CelebA image ids without extension
 
@@ -74,6 +77,12 @@ class LoaderConfig:
     first_shards: int | None = None  # only the split's first N shards (benchmarks); None: all
     num_workers: int = 2
     seed: int = 0
+    # Remote datasets: the node-local shard cache (shards/cache.py): "auto" (DEEPREC_CACHE_DIR, else
+    # ~/.cache/deeprecognition/shards), a folder, or "" / "off": every read from the store. Off by
+    # default here (benchmarks, evaluation); the training configs' data.cache defaults to "auto".
+    cache: str = ""
+    cache_gb: float = 50.0  # the cache's cap (it also never takes more than half the free disk)
+    decode: str = "cpu"  # cpu: decoded images | gpu: JPEG files, decoded on the device (device_decode.images_on)
 
 
 def parse_where(text: str) -> dict[str, int]:
@@ -89,18 +98,13 @@ def parse_where(text: str) -> dict[str, int]:
 
 
 def decode_images(payloads: list[memoryview], encoding: str) -> torch.Tensor:
-    """(B, 3, H, W) uint8 in channels_last memory from stored images.
-
-    One torchvision call per batch (its per-call overhead rivals the decode of a 128x128 JPEG).
-    Decoders hand back HWC memory viewed as CHW: stacking the HWC views is a plain memcpy, where
-    stacking CHW would be a strided transpose costing a quarter of the throughput. The result is
-    channels_last, the layout the GPU step wants anyway.
-    """
+    """(B, 3, H, W) uint8 in channels_last memory from stored images: one torchvision call per
+    batch (its per-call overhead rivals the decode of a 128x128 JPEG)."""
     if encoding == "jpg":
         images = decode_jpeg([torch.frombuffer(p, dtype=torch.uint8) for p in payloads], mode=ImageReadMode.RGB)
     else:
         images = [decode_image(p, encoding) for p in payloads]
-    return torch.stack([img.permute(1, 2, 0) for img in images]).permute(0, 3, 1, 2)
+    return stack_channels_last(images)
 
 
 def decode_image(payload: memoryview, encoding: str) -> torch.Tensor:
@@ -113,28 +117,19 @@ def decode_image(payload: memoryview, encoding: str) -> torch.Tensor:
     return decode_png(raw, mode=ImageReadMode.RGB)
 
 
-# Local shard files this process has already checked, with the (inode, size, mtime_ns) it checked:
-# training rereads every shard many times, and hashing is ~5% of a core's loader time.
-_VERIFIED: dict[str, tuple[tuple[int, int, int], str]] = {}
-
-
-def read_shard(data: str, shard: ShardInfo) -> bytes | mmap.mmap:
+def read_shard(data: str, shard: ShardInfo, cache: ShardCache | None = None) -> bytes | mmap.mmap:
     """A shard's bytes, checked against the manifest: a changed byte is an error naming the shard.
 
-    Bytes from S3 are hashed on every fetch; an unchanged local file once per process."""
+    A remote shard comes through `cache` when there is one (fetched once per node), else is fetched
+    and hashed on every read; local files, cached ones included, are hashed once per process."""
     uri = storage.join(data, shard.name)
     try:
+        if cache is not None and storage.is_remote(uri):
+            return cache.read(uri, shard)
         raw, stamp = storage.read_buffer(uri)
     except FileNotFoundError:
         raise CorruptShardError(shard.name, f"missing: listed in {data}/manifest.json but not in the dataset folder") from None
-    if stamp is not None and _VERIFIED.get(uri) == (stamp, shard.sha256):
-        return raw
-    if len(raw) != shard.bytes:
-        raise CorruptShardError(shard.name, f"{len(raw)} bytes, the manifest says {shard.bytes} (truncated or replaced)")
-    if hashlib.sha256(raw).hexdigest() != shard.sha256:
-        raise CorruptShardError(shard.name, "its sha256 does not match the manifest (bytes changed since packing)")
-    if stamp is not None:
-        _VERIFIED[uri] = (stamp, shard.sha256)
+    check_shard(uri, raw, shard, stamp)
     return raw
 
 
@@ -153,7 +148,7 @@ def dist_rank_world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
-def split_index(data: str, manifest: Manifest, split: str) -> SplitIndex:
+def split_index(data: str, manifest: Manifest, split: str, cache: ShardCache | None = None) -> SplitIndex:
     """The split's labels from the dataset's label index; a dataset packed before the index existed
     has its shards' labels read once instead."""
     shards = manifest.shards(split)
@@ -162,7 +157,7 @@ def split_index(data: str, manifest: Manifest, split: str) -> SplitIndex:
     else:
         log.warning("%s has no label index (packed by an older release): reading the labels of every %s shard first; "
                     "run the same `deeprec pack` again to add it", data, split)
-        scanned = [np.stack([read_npy(f["attr.npy"]) for _, f in iter_samples(read_shard(data, s), s.name)]) for s in shards if s.samples]
+        scanned = [np.stack([read_npy(f["attr.npy"]) for _, f in iter_samples(read_shard(data, s, cache), s.name)]) for s in shards if s.samples]
         labels = np.concatenate(scanned) if scanned else np.zeros((0, len(CELEBA_ATTRIBUTES)), np.uint8)
     return SplitIndex.of(labels, (s.samples for s in shards))
 
@@ -175,12 +170,15 @@ class ShardStream(IterableDataset):
             raise ValueError(f"sampling must be one of {', '.join(SAMPLING)}, got {config.sampling!r}")
         self.config = config
         self.manifest = manifest or read_manifest(config.data)
+        check_decode(config.decode, self.manifest.image.encoding)
         self.shards = self.manifest.shards(config.split)
+        # Resolved here, on the node that reads: "auto" is this node's cache folder.
+        self.cache = ShardCache.of(config.cache, config.cache_gb) if storage.is_remote(config.data) else None
         default_rank, default_world = dist_rank_world()
         self.rank = default_rank if rank is None else rank
         self.world_size = default_world if world_size is None else world_size
         self.target_idx = np.array([attribute_index(n) for n in config.targets], dtype=np.int64)
-        self.index = split_index(config.data, self.manifest, config.split)
+        self.index = split_index(config.data, self.manifest, config.split, self.cache)
         rows = self.index.matching((attribute_index(n), v) for n, v in config.where.items())
         self.rows = rows if config.first_shards is None else rows[rows < self.index.starts[min(config.first_shards, self.index.shards)]]
         if config.training and not len(self.rows):
@@ -241,7 +239,7 @@ class ShardStream(IterableDataset):
     def _shard_samples(self, s: int) -> list[Sample]:
         shard, encoding = self.shards[s], self.manifest.image.encoding
         samples = []
-        for key, fields in iter_samples(read_shard(self.config.data, shard), shard.name):
+        for key, fields in iter_samples(read_shard(self.config.data, shard, self.cache), shard.name):
             if encoding not in fields or "attr.npy" not in fields:
                 raise CorruptShardError(shard.name, f"sample {key} lacks its {encoding} or attr.npy member")
             samples.append((key, fields[encoding], read_npy(fields["attr.npy"])))
@@ -266,7 +264,7 @@ class ShardStream(IterableDataset):
 
     def _batch(self, chunk: list[Sample]) -> Batch:
         keys, payloads, attrs = zip(*chunk)
-        images = decode_images(list(payloads), self.manifest.image.encoding)
+        images = encoded(payloads) if self.config.decode == "gpu" else decode_images(list(payloads), self.manifest.image.encoding)
         targets = torch.from_numpy(np.stack(attrs)[:, self.target_idx])
         return Batch(images, targets, list(keys))
 

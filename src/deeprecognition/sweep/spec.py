@@ -62,6 +62,7 @@ class SchedulerSpec:
 class TrialResources:
     workers: int = 1  # Ray Train workers (DDP ranks) per trial
     gpu: bool = False  # one GPU per worker
+    max_failures: int = 2  # times a trial whose driver died (a lost node, no room in time) runs again
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,8 @@ def _parse(path: str, raw: dict, overrides: tuple[str, ...], num_samples: int | 
     trial = from_dict(TrialResources, _mapping(raw, "trial"), prefix="trial.")
     if trial.workers < 1:
         raise ValueError(f"trial.workers must be at least 1, got {trial.workers}")
+    if trial.max_failures < 0:
+        raise ValueError(f"trial.max_failures must be 0 (a failed trial stays failed) or more, got {trial.max_failures}")
     base = apply_overrides(_preset(raw.get("preset")), settings + [f"scale.num_workers={trial.workers}", f"scale.gpu={trial.gpu}"]).validate()
     search = _search(base, raw.get("search"))
     clash = sorted({f.field for f in search} & set(set_fields))  # the search would silently win

@@ -61,7 +61,7 @@ def run_trial(values: dict[str, Any], plan: TrialPlan) -> None:
     """The Tune trainable (bound to `plan` with tune.with_parameters)."""
     from ray import tune
 
-    from deeprecognition.launch import build_trainer
+    from deeprecognition.launch import fit
 
     cfg = trial_config(plan, values, tune.get_context().get_trial_id())
-    build_trainer(cfg, callbacks=[MetricReports(plan.metric)]).fit()
+    fit(cfg, callbacks=[MetricReports(plan.metric)])

@@ -16,7 +16,7 @@ from typing import Any
 
 from ray import tune
 
-from deeprecognition import storage
+from deeprecognition import placement, storage
 from deeprecognition.config import apply_overrides, to_dict
 from deeprecognition.launch import absolute_paths, check_before_workers, ray_storage_path
 from deeprecognition.raycluster import cluster_capacity, ensure_ray
@@ -42,17 +42,16 @@ class SweepOptions:
 
 def check_capacity(spec: SweepSpec) -> None:
     """Refuse a trial that this cluster can never place (Tune would wait for it forever)."""
-    from ray.train import ScalingConfig
-
     trial = spec.trial
-    need = ScalingConfig(num_workers=trial.workers, use_gpu=trial.gpu).total_resources  # the driver holds none
+    placement.check_gpu_type(spec.base.scale.gpu_type)
+    need = placement.plan(spec.base).total(trial.workers)  # the trial's driver holds none
     capacity = cluster_capacity()
     short = {k: v for k, v in need.items() if v > capacity.get(k, 0)}
     if short:
         wants = ", ".join(f"{v:g} {k}" for k, v in need.items())
         has = ", ".join(f"{capacity.get(k, 0):g} {k}" for k in short)
         raise ValueError(f"{spec.file}: one trial needs {wants} for its {trial.workers} worker(s), but this Ray cluster can hold at most {has}: "
-                         "lower trial.workers, set trial.gpu: false, or use a bigger cluster")
+                         "lower trial.workers, set trial.gpu: false, lower data.loader_workers, or use a bigger cluster")
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
@@ -91,7 +90,10 @@ def _fresh(spec: SweepSpec, root: str, name: str, trainable, plan: TrialPlan) ->
             metric=spec.metric, mode=spec.mode, scheduler=_scheduler(spec), num_samples=spec.num_samples,
             search_alg=BasicVariantGenerator(max_concurrent=spec.max_concurrent, random_state=spec.seed),
         ),
-        run_config=tune.RunConfig(name=name, storage_path=root, callbacks=[TrialLog(plan, path)]),
+        # A trial whose driver dies (its node lost, no room for its workers within
+        # scale.start_timeout_s) runs again, resuming its own Train run from its checkpoint.
+        run_config=tune.RunConfig(name=name, storage_path=root, callbacks=[TrialLog(plan, path)],
+                                  failure_config=tune.FailureConfig(max_failures=spec.trial.max_failures)),
     )
 
 
@@ -113,7 +115,7 @@ def run_sweep(options: SweepOptions) -> SweepResult:
     base = absolute_paths(apply_overrides(spec.base, [f"data.data={options.data}"]))
     spec = dataclasses.replace(spec, base=base)
     check_before_workers(base)
-    ensure_ray(dashboard=True)
+    ensure_ray()
     check_capacity(spec)
     name = options.name or spec.stem + ("-smoke" if options.smoke else "")
     root = ray_storage_path(options.storage)
