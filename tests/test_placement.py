@@ -29,7 +29,7 @@ def test_a_run_that_fits_on_one_node_is_packed_onto_it_and_spread_only_when_aske
     assert choose_strategy(need, [L40S, A100x8], spread=True) == "SPREAD"
     # The GPU type counts: 2 L40S ranks fit no single L40S node, even with an 8-GPU A100 node about.
     two_l40s = plan(gpu_run("scale.num_workers=2", "scale.gpu_type=L40S"), shapes=[L40S, A100x8])
-    assert two_l40s.strategy == "PACK" and two_l40s.total() == {"GPU": 2, "CPU": 6, "accelerator_type:L40S": 0.002}
+    assert two_l40s.strategy == "PACK" and two_l40s.per_worker == {"GPU": 1, "CPU": 3, "accelerator_type:L40S": 0.001}
 
 
 def test_the_scaling_config_carries_the_placement():

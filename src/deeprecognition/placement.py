@@ -41,10 +41,6 @@ class Placement:
     per_worker: dict[str, float]  # Ray resources of one worker, the GPU type's marker included
     strategy: str  # STRICT_PACK | PACK | SPREAD
 
-    def total(self, workers: int | None = None) -> dict[str, float]:
-        n = self.workers if workers is None else workers
-        return {k: v * n for k, v in self.per_worker.items()}
-
     def describe(self) -> str:
         """`2 workers of {GPU: 1, CPU: 3, H100} (STRICT_PACK)`."""
         shown = ", ".join(k[len(ACCELERATOR_PREFIX):] if k.startswith(ACCELERATOR_PREFIX) else f"{k}: {v:g}" for k, v in self.per_worker.items())

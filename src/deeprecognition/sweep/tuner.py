@@ -44,7 +44,7 @@ def check_capacity(spec: SweepSpec) -> None:
     """Refuse a trial that this cluster can never place (Tune would wait for it forever)."""
     trial = spec.trial
     placement.check_gpu_type(spec.base.scale.gpu_type)
-    need = placement.plan(spec.base).total(trial.workers)  # the trial's driver holds none
+    need = {k: v * trial.workers for k, v in placement.worker_resources(spec.base).items()}  # the trial's driver holds none
     capacity = cluster_capacity()
     short = {k: v for k, v in need.items() if v > capacity.get(k, 0)}
     if short:
