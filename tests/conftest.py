@@ -115,7 +115,7 @@ def faces64(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> str:
 def judge(faces64: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A small CNN trained on Male, Smiling and Attractive: FID features and attribute rates."""
     from deeprecognition.config import ClassifierConfig, apply_overrides, to_dict
-    from deeprecognition.loops.classifier import train_loop_per_worker
+    from deeprecognition.classifier.loop import train_loop_per_worker
 
     runs = tmp_path_factory.mktemp("judge")
     overrides = [f"data.data={faces64}", f"storage={runs}", "name=judge", "data.task=Male,Smiling,Attractive", "data.batch_size=32",

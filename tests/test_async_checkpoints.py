@@ -16,17 +16,17 @@ import time
 import pytest
 
 from deeprecognition import storage
-from deeprecognition.background import BackgroundWriteError, BackgroundWriter
-from deeprecognition.catalog import list_runs
-from deeprecognition.checkpoint import load_state
+from deeprecognition.runs.background import BackgroundWriteError, BackgroundWriter
+from deeprecognition.runs.catalog import list_runs
+from deeprecognition.runs.checkpoint import load_state
 from deeprecognition.cli import main
 from deeprecognition.config import to_dict
 from deeprecognition.errors import InputError
 from deeprecognition.launch import run
-from deeprecognition.loops import gan as gan_loop
-from deeprecognition.loops import session as session_module
-from deeprecognition.loops.session import UploadFolders
-from deeprecognition.report import METRICS_LOG, PARTS, RunLog, read_history
+from deeprecognition.gan import loop as gan_loop
+from deeprecognition.runs import session as session_module
+from deeprecognition.runs.session import UploadFolders
+from deeprecognition.runs.report import METRICS_LOG, PARTS, RunLog, read_history
 
 from .conftest import BUCKET
 from .test_classifier import _train_worker_pids, config

@@ -11,13 +11,13 @@ import boto3
 import pytest
 import torch
 
-from deeprecognition import pull as pull_module
+from deeprecognition.runs import pull as pull_module
 from deeprecognition import storage
-from deeprecognition.catalog import best, best_checkpoint, list_runs
-from deeprecognition.checkpoint import load_state, write_checkpoint
+from deeprecognition.runs.catalog import best, best_checkpoint, list_runs
+from deeprecognition.runs.checkpoint import load_state, write_checkpoint
 from deeprecognition.cli import main
 from deeprecognition.errors import InputError
-from deeprecognition.pull import pull
+from deeprecognition.runs.pull import pull
 
 from .conftest import BUCKET
 

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from deeprecognition import storage
-from deeprecognition.checkpoint import load_state
+from deeprecognition.runs.checkpoint import load_state
 from deeprecognition.cli import main
 from deeprecognition.config import ClassifierConfig, apply_overrides, to_dict
 from deeprecognition.errors import InputError
-from deeprecognition.evaluate import evaluate_checkpoint
+from deeprecognition.classifier.evaluate import evaluate_checkpoint
 from deeprecognition.launch import check_before_workers, run
-from deeprecognition.loops.classifier import majority_of, train_loop_per_worker
+from deeprecognition.classifier.loop import majority_of, train_loop_per_worker
 from deeprecognition.shards.loader import LoaderConfig, make_loader
 from deeprecognition.shards.manifest import read_manifest
 
@@ -162,7 +162,7 @@ def _ddp_probe(config: dict) -> None:
     """Runs in each Ray Train worker: what this rank reads, and its weights after one DDP step."""
     import ray.train
 
-    from deeprecognition.models.cnn import PaperCNN
+    from deeprecognition.classifier.cnn import PaperCNN
     from deeprecognition.shards.loader import LoaderConfig, make_loader
 
     rank = ray.train.get_context().get_world_rank()

@@ -115,7 +115,7 @@ def test_aws_node_types_follow_the_rules_ray_does_not_check():
 
 
 def test_every_aws_gpu_node_type_names_a_gpu_type_that_gpu_type_accepts():
-    from deeprecognition.placement import ACCELERATOR_PREFIX, check_gpu_type
+    from deeprecognition.runs.placement import ACCELERATOR_PREFIX, check_gpu_type
 
     named = {}
     for name, node in AWS["available_node_types"].items():

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from deeprecognition.catalog import list_runs
-from deeprecognition.placement import RAY_START_TIMEOUT_ENV
+from deeprecognition.runs.catalog import list_runs
+from deeprecognition.runs.placement import RAY_START_TIMEOUT_ENV
 
 from .rayhead import RayHead
 

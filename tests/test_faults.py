@@ -28,16 +28,16 @@ import torch
 import yaml
 
 from deeprecognition import storage
-from deeprecognition.catalog import list_runs
-from deeprecognition.catalog import best_checkpoint
-from deeprecognition.checkpoint import load_state, write_checkpoint
+from deeprecognition.runs.catalog import list_runs
+from deeprecognition.runs.catalog import best_checkpoint
+from deeprecognition.runs.checkpoint import load_state, write_checkpoint
 from deeprecognition.cli import main
 from deeprecognition.config import ClassifierConfig, apply_overrides, from_dict, to_dict
 from deeprecognition.errors import CorruptShardError, InputError
-from deeprecognition.loops.classifier import train_loop_per_worker
-from deeprecognition.loops.session import restore
-from deeprecognition.pull import pull
-from deeprecognition.report import RunLog, read_history
+from deeprecognition.classifier.loop import train_loop_per_worker
+from deeprecognition.runs.session import restore
+from deeprecognition.runs.pull import pull
+from deeprecognition.runs.report import RunLog, read_history
 from deeprecognition.shards.loader import LoaderConfig, make_loader
 from deeprecognition.shards.manifest import read_manifest
 from deeprecognition.shards.pack import pack

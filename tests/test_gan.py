@@ -13,16 +13,16 @@ import torch
 from PIL import Image
 
 from deeprecognition import storage
-from deeprecognition.checkpoint import load_state
+from deeprecognition.runs.checkpoint import load_state
 from deeprecognition.cli import main
 from deeprecognition.config import apply_overrides, modern_dcgan, to_dict
 from deeprecognition.errors import InputError
-from deeprecognition.gan_eval import INCEPTION_FILE, NOT_COMPARABLE, evaluate_gan, pick_extractor
+from deeprecognition.gan.metrics import INCEPTION_FILE, NOT_COMPARABLE, evaluate_gan, pick_extractor
 from deeprecognition.launch import run
-from deeprecognition.loops.gan import clip_gradients, train_loop_per_worker
-from deeprecognition.loops.gan_data import judged_positive, reference_faces
+from deeprecognition.gan.loop import clip_gradients, train_loop_per_worker
+from deeprecognition.gan.data import judged_positive, reference_faces
 from deeprecognition.shards.loader import LoaderConfig, make_loader
-from deeprecognition.trained import TrainedClassifier
+from deeprecognition.classifier.trained import TrainedClassifier
 
 from .conftest import BUCKET, COLLECTIVE_TIMEOUT_S
 from .test_classifier import _train_worker_pids, fit_killing_a_worker
@@ -193,8 +193,8 @@ def _sync_probe(rank: int, init_file: str, perturb: bool, out: str) -> None:
     """One of two gloo ranks: whether ranks_in_sync sees the ranks' weights agree."""
     import torch.distributed as dist
 
-    from deeprecognition.loops.gan import ranks_in_sync
-    from deeprecognition.loops.session import Session
+    from deeprecognition.gan.loop import ranks_in_sync
+    from deeprecognition.runs.session import Session
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     torch.manual_seed(0)

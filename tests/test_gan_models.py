@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from deeprecognition.models.gan import (
+from deeprecognition.gan.models import (
     DCGANDiscriminator,
     DCGANGenerator,
     PaperDiscriminator,
@@ -232,7 +232,7 @@ def test_one_discriminator_step_lowers_its_loss_on_a_fixed_batch():
 
 
 def test_the_contact_sheet_shows_at_most_25_mosaics_evenly_spaced_with_the_last():
-    from deeprecognition.generate import evenly_spaced
+    from deeprecognition.gan.generate import evenly_spaced
 
     assert evenly_spaced([50, 100, 150]) == [50, 100, 150]
     picked = evenly_spaced(list(range(50, 100_001, 50)))
@@ -242,7 +242,7 @@ def test_the_contact_sheet_shows_at_most_25_mosaics_evenly_spaced_with_the_last(
 
 
 def test_the_ema_warms_up_then_keeps_its_decay():
-    from deeprecognition.models.gan import ema_decay_at
+    from deeprecognition.gan.models import ema_decay_at
 
     assert ema_decay_at(0.999, 0) == 0.1  # the first update nearly copies G
     assert ema_decay_at(0.999, 90) == 0.91

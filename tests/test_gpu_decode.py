@@ -12,8 +12,8 @@ import torch
 
 from deeprecognition.config import ClassifierConfig, GanConfig, apply_overrides, to_dict
 from deeprecognition.launch import check_before_workers
-from deeprecognition.loops.classifier import train_loop_per_worker
-from deeprecognition.loops.gan_data import real_batches, reference_faces
+from deeprecognition.classifier.loop import train_loop_per_worker
+from deeprecognition.gan.data import real_batches, reference_faces
 from deeprecognition.shards.device_decode import EncodedImages, decode_on, images_on, require_cuda
 from deeprecognition.shards.loader import LoaderConfig, ShardStream, make_loader
 from deeprecognition.shards.manifest import read_manifest, write_manifest

@@ -14,9 +14,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from deeprecognition.catalog import list_runs
-from deeprecognition.checkpoint import load_state
-from deeprecognition.pull import pull
+from deeprecognition.runs.catalog import list_runs
+from deeprecognition.runs.checkpoint import load_state
+from deeprecognition.runs.pull import pull
 from deeprecognition.raycluster import worker_runtime_env
 
 from .conftest import BUCKET

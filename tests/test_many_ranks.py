@@ -18,7 +18,7 @@ import torch
 
 from deeprecognition.cli import main
 from deeprecognition.config import ClassifierConfig, apply_overrides, to_dict
-from deeprecognition.gan_eval import evaluate_gan
+from deeprecognition.gan.metrics import evaluate_gan
 
 from .collectives import assert_same_collectives, run_ranks
 from .conftest import COLLECTIVE_TIMEOUT_S, repartitioned
@@ -26,7 +26,7 @@ from .test_gan import gan_config
 
 
 def _gan_rank(rank: int, world_size: int, config: dict) -> None:
-    from deeprecognition.loops.gan import train_loop_per_worker
+    from deeprecognition.gan.loop import train_loop_per_worker
 
     train_loop_per_worker(config)
 
@@ -61,7 +61,7 @@ def _classifier_rank(rank: int, world_size: int, config: dict) -> list[list[bool
     on ones from the same generator state, under fork_rng, before the real call)."""
     import torch.nn.functional as F
 
-    from deeprecognition.loops.classifier import train_loop_per_worker
+    from deeprecognition.classifier.loop import train_loop_per_worker
 
     masks: list[list[bool]] = []
     dropout = F.dropout

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from deeprecognition.metrics import AttributeMetrics, format_report, majority_vector
+from deeprecognition.classifier.metrics import AttributeMetrics, format_report, majority_vector
 
 NAMES = ("a", "b", "c")
 # Predictions are logit > 0 (a logit of exactly 0 is a negative answer).

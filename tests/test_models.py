@@ -12,8 +12,8 @@ import torchvision
 from torch import nn
 
 from deeprecognition.errors import InputError
-from deeprecognition.models.cnn import PaperCNN
-from deeprecognition.models.transfer import (
+from deeprecognition.classifier.cnn import PaperCNN
+from deeprecognition.classifier.transfer import (
     FREEZE_POLICIES,
     ResNet50Transfer,
     imagenet_weight_paths,

@@ -21,12 +21,12 @@ import torch
 
 from deeprecognition import storage
 from deeprecognition.celeba.synthetic import write_synthetic
-from deeprecognition.checkpoint import load_state
+from deeprecognition.runs.checkpoint import load_state
 from deeprecognition.config import ClassifierConfig, GanConfig, apply_overrides, modern_dcgan, to_dict
-from deeprecognition.loops import classifier as classifier_loop
-from deeprecognition.loops import gan as gan_loop
-from deeprecognition.loops.session import Session
-from deeprecognition.report import read_history
+from deeprecognition.classifier import loop as classifier_loop
+from deeprecognition.gan import loop as gan_loop
+from deeprecognition.runs.session import Session
+from deeprecognition.runs.report import read_history
 from deeprecognition.shards.encode import ImageFormat
 from deeprecognition.shards.pack import PackOptions, pack
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from deeprecognition.config import ClassifierConfig, GanConfig, apply_overrides
-from deeprecognition.placement import CapacityTimeout, Placement, choose_strategy, plan, scaling_config, wait_for_capacity, worker_resources
+from deeprecognition.runs.placement import CapacityTimeout, Placement, choose_strategy, plan, scaling_config, wait_for_capacity, worker_resources
 
 # Node shapes of cluster/aws.yaml's GPU types (what the autoscaler can start)
 L40S = {"CPU": 8, "GPU": 1, "accelerator_type:L40S": 1}
@@ -66,7 +66,7 @@ def test_the_driver_waits_for_room_says_so_every_interval_and_gives_up_after_the
 def test_rays_own_start_timeout_is_the_runs_while_it_starts_and_an_elastic_runs_stays_rays(monkeypatch):
     import os
 
-    from deeprecognition.placement import RAY_START_TIMEOUT_ENV, ray_start_timeout
+    from deeprecognition.runs.placement import RAY_START_TIMEOUT_ENV, ray_start_timeout
 
     monkeypatch.delenv(RAY_START_TIMEOUT_ENV, raising=False)
     with ray_start_timeout(1800):

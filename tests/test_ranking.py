@@ -14,17 +14,17 @@ from typing import Any
 import pytest
 import torch
 
-from deeprecognition.catalog import CheckpointInfo, best, best_checkpoint, list_runs, rank, ray_checkpoint_config, with_ray_score
-from deeprecognition.checkpoint import write_checkpoint
+from deeprecognition.runs.catalog import CheckpointInfo, best, best_checkpoint, list_runs, rank, ray_checkpoint_config, with_ray_score
+from deeprecognition.runs.checkpoint import write_checkpoint
 from deeprecognition.cli import main
 from deeprecognition.config import ClassifierConfig, GanConfig, apply_overrides, to_dict
-from deeprecognition.generate import TrainedGan
+from deeprecognition.gan.generate import TrainedGan
 from deeprecognition.launch import build_trainer
-from deeprecognition.loops.classifier import build_model
-from deeprecognition.loops.session import Session
-from deeprecognition.models.gan import build_gan
-from deeprecognition.placement import plan
-from deeprecognition.trained import TrainedClassifier
+from deeprecognition.classifier.loop import build_model
+from deeprecognition.runs.session import Session
+from deeprecognition.gan.models import build_gan
+from deeprecognition.runs.placement import plan
+from deeprecognition.classifier.trained import TrainedClassifier
 
 SIDE = 32  # image side of the tiny models below
 

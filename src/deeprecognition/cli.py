@@ -245,8 +245,8 @@ def _add_train_classifier(sub: argparse._SubParsersAction) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from deeprecognition.evaluate import evaluate_checkpoint
-    from deeprecognition.metrics import format_report
+    from deeprecognition.classifier.evaluate import evaluate_checkpoint
+    from deeprecognition.classifier.metrics import format_report
 
     result = evaluate_checkpoint(args.checkpoint, args.data, split=args.split)
     if args.json:
@@ -257,7 +257,7 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _generate(args: argparse.Namespace) -> int:
-    from deeprecognition.generate import generate_grid
+    from deeprecognition.gan.generate import generate_grid
 
     gan = generate_grid(args.checkpoint, args.out, n=args.n, seed=args.seed, ema=False if args.no_ema else None, latest=args.latest)
     print(f"{args.n} faces from {gan.checkpoint} (iteration {gan.iteration}) written to {args.out}")
@@ -265,7 +265,7 @@ def _generate(args: argparse.Namespace) -> int:
 
 
 def _evaluate_gan(args: argparse.Namespace) -> int:
-    from deeprecognition.gan_eval import EVAL_SEED, evaluate_gan
+    from deeprecognition.gan.metrics import EVAL_SEED, evaluate_gan
 
     result = evaluate_gan(args.checkpoint, data=args.data or "", classifier=args.classifier or "", inception_weights=args.inception_weights or "",
                           samples=args.samples, seed=EVAL_SEED if args.seed is None else args.seed, ema=False if args.no_ema else None, latest=args.latest)
@@ -291,7 +291,7 @@ def _add_gan_checkpoint(p: argparse.ArgumentParser) -> None:
 
 def _curves(args: argparse.Namespace) -> int:
     from deeprecognition import storage
-    from deeprecognition.report import curves_png, read_history
+    from deeprecognition.runs.report import curves_png, read_history
 
     runs = {run.rstrip("/").rsplit("/", 1)[-1]: read_history(run) for run in args.runs}
     empty = [name for name, history in runs.items() if not history]
@@ -303,7 +303,7 @@ def _curves(args: argparse.Namespace) -> int:
 
 
 def _checkpoints_list(args: argparse.Namespace) -> int:
-    from deeprecognition.catalog import format_runs, list_runs, runs_json
+    from deeprecognition.runs.catalog import format_runs, list_runs, runs_json
 
     runs = list_runs(args.uri)
     if args.json:
@@ -314,8 +314,8 @@ def _checkpoints_list(args: argparse.Namespace) -> int:
 
 
 def _checkpoints_pull(args: argparse.Namespace) -> int:
-    from deeprecognition.catalog import human_bytes
-    from deeprecognition.pull import pull
+    from deeprecognition.runs.catalog import human_bytes
+    from deeprecognition.runs.pull import pull
 
     r = pull(args.uri, args.dest, best=args.best, checkpoint=args.checkpoint, workers=args.workers, progress=sys.stderr.isatty())
     checks = ", ".join(f"{n} by {how}" for how, n in sorted(r.checks.items()))

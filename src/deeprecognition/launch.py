@@ -11,10 +11,10 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 from deeprecognition import storage
-from deeprecognition.catalog import ray_checkpoint_config
+from deeprecognition.runs.catalog import ray_checkpoint_config
 from deeprecognition.config import ClassifierConfig, GanConfig, to_dict
-from deeprecognition.loops.classifier import train_loop_per_worker
-from deeprecognition.placement import Placement, check_gpu_type, plan, ray_start_timeout, scaling_config, wait_for_capacity
+from deeprecognition.classifier.loop import train_loop_per_worker
+from deeprecognition.runs.placement import Placement, check_gpu_type, plan, ray_start_timeout, scaling_config, wait_for_capacity
 from deeprecognition.shards.device_decode import check_decode
 from deeprecognition.shards.manifest import read_manifest
 
@@ -30,7 +30,7 @@ def check_before_workers(cfg: ClassifierConfig | GanConfig) -> None:
     cfg.validate()
     check_decode(cfg.data.decode, read_manifest(cfg.data.data).image.encoding)  # gpu: JPEG datasets only
     if isinstance(cfg, ClassifierConfig) and cfg.model.name == "resnet50":
-        from deeprecognition.models.transfer import load_backbone_weights
+        from deeprecognition.classifier.transfer import load_backbone_weights
 
         load_backbone_weights(cfg.model.weights)
     if isinstance(cfg, GanConfig):
@@ -39,8 +39,8 @@ def check_before_workers(cfg: ClassifierConfig | GanConfig) -> None:
 
 def _check_gan_inputs(cfg: GanConfig) -> None:
     """The classifiers and Inception weights a GAN run names must load, before workers start."""
-    from deeprecognition.gan_eval import inception_extractor
-    from deeprecognition.trained import TrainedClassifier
+    from deeprecognition.gan.metrics import inception_extractor
+    from deeprecognition.classifier.trained import TrainedClassifier
 
     if cfg.data.where_classifier:
         TrainedClassifier.load(cfg.data.where_classifier).attribute_index(cfg.data.classifier_attribute)
@@ -80,7 +80,7 @@ def build_trainer(cfg: ClassifierConfig | GanConfig, placement: Placement, callb
     from deeprecognition.raycluster import train_logging_config, worker_runtime_env
 
     if isinstance(cfg, GanConfig):
-        from deeprecognition.loops.gan import train_loop_per_worker as loop
+        from deeprecognition.gan.loop import train_loop_per_worker as loop
     else:
         loop = train_loop_per_worker
     return TorchTrainer(

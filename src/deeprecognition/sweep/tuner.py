@@ -16,7 +16,8 @@ from typing import Any
 
 from ray import tune
 
-from deeprecognition import placement, storage
+from deeprecognition.runs import placement
+from deeprecognition import storage
 from deeprecognition.config import apply_overrides, to_dict
 from deeprecognition.launch import absolute_paths, check_before_workers, ray_storage_path
 from deeprecognition.raycluster import cluster_capacity, ensure_ray

@@ -184,8 +184,8 @@ def bench_train(data: str, steps: int = 30, batch_size: int = 64, layers: int = 
 
     from deeprecognition.config import apply_overrides, preset, to_dict
     from deeprecognition.launch import absolute_paths, run
-    from deeprecognition.loops.classifier import train_loop_per_worker
-    from deeprecognition.report import read_history
+    from deeprecognition.classifier.loop import train_loop_per_worker
+    from deeprecognition.runs.report import read_history
 
     with tempfile.TemporaryDirectory() as runs:
         def cfg(name: str, workers: int):
@@ -219,7 +219,7 @@ def bench_gan(size: int = 64, batch_sizes: tuple[int, ...] = (16, 128), iteratio
     architectures at each batch size, on random uint8 "real" batches: the models' cost without the
     loader. bf16 autocast on a GPU, as in training; three warm-up iterations are not timed."""
     from deeprecognition.config import GAN_PRESETS
-    from deeprecognition.loops.gan import gan_step, make_nets
+    from deeprecognition.gan.loop import gan_step, make_nets
 
     unknown = set(presets) - set(GAN_PRESETS)
     if unknown:
@@ -256,8 +256,8 @@ def bench_checkpoint(size_mb: float = 32, bandwidth_mb_per_s: float = 16, checkp
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from deeprecognition.catalog import list_runs
-    from deeprecognition.netsim import FaultProxy, s3_server
+    from deeprecognition.runs.catalog import list_runs
+    from deeprecognition.bench.netsim import FaultProxy, s3_server
 
     compute_s = 1.25 * size_mb / bandwidth_mb_per_s if compute_s is None else compute_s
     bucket, name = "deeprec-bench", "checkpoints"
@@ -325,8 +325,8 @@ def _compute(seconds: float) -> None:
 def _checkpointing_worker(config: dict) -> None:
     """bench_checkpoint's Ray Train worker: checkpoints of size_mb through Session.report, each
     after compute_s; how long each report blocked, into the file config["out"]."""
-    from deeprecognition.checkpoint import STATE, file_digest, write_checkpoint
-    from deeprecognition.loops.session import Session
+    from deeprecognition.runs.checkpoint import STATE, file_digest, write_checkpoint
+    from deeprecognition.runs.session import Session
 
     torch.set_num_threads(1)
     session = Session.current("", use_gpu=False, keep=0)

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from deeprecognition import storage
-from deeprecognition.background import BackgroundWriter
-from deeprecognition.metrics import format_report
+from deeprecognition.runs.background import BackgroundWriter
+from deeprecognition.classifier.metrics import format_report
 
 METRICS_LOG = "metrics.jsonl"
 PARTS = "metrics.jsonl.parts"

@@ -11,11 +11,11 @@ import torch
 from torch import Tensor, nn
 
 from deeprecognition import storage
-from deeprecognition.catalog import best_checkpoint
-from deeprecognition.checkpoint import load_state
+from deeprecognition.runs.catalog import best_checkpoint
+from deeprecognition.runs.checkpoint import load_state
 from deeprecognition.config import GanConfig, from_checkpoint
 from deeprecognition.errors import InputError
-from deeprecognition.models.gan import build_gan, draws_with_ema, to_uint8
+from deeprecognition.gan.models import build_gan, draws_with_ema, to_uint8
 
 
 def grid_png(images: Tensor, labels: list[str] | None = None) -> bytes:

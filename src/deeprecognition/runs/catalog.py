@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from deeprecognition import storage
-from deeprecognition.checkpoint import CHECKSUMS, METRICS, STATE, incomplete_reason, read_checksums
+from deeprecognition.runs.checkpoint import CHECKSUMS, METRICS, STATE, incomplete_reason, read_checksums
 from deeprecognition.config import ClassifierConfig, GanConfig
 from deeprecognition.errors import InputError
 

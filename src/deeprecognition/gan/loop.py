@@ -17,15 +17,15 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from deeprecognition import storage
-from deeprecognition.background import BackgroundWriter
-from deeprecognition.catalog import with_ray_score
+from deeprecognition.runs.background import BackgroundWriter
+from deeprecognition.runs.catalog import with_ray_score
 from deeprecognition.config import GanConfig, from_dict, to_dict
-from deeprecognition.generate import contact_sheet_png, evenly_spaced, grid_png
-from deeprecognition.loops.gan_data import real_batches
-from deeprecognition.loops.resume import apply_hyperparameters, seed_rank_streams, stream_seed
-from deeprecognition.loops.session import Session
-from deeprecognition.models.gan import build_gan, d_loss, draws_with_ema, ema_copy, ema_decay_at, g_loss, standing_statistics, to_tanh_range, to_uint8, update_ema
-from deeprecognition.report import RunLog
+from deeprecognition.gan.generate import contact_sheet_png, evenly_spaced, grid_png
+from deeprecognition.gan.data import real_batches
+from deeprecognition.runs.resume import apply_hyperparameters, seed_rank_streams, stream_seed
+from deeprecognition.runs.session import Session
+from deeprecognition.gan.models import build_gan, d_loss, draws_with_ema, ema_copy, ema_decay_at, g_loss, standing_statistics, to_tanh_range, to_uint8, update_ema
+from deeprecognition.runs.report import RunLog
 from deeprecognition.shards.manifest import read_manifest
 
 MOSAIC = 36  # the study's 6x6 grid
@@ -156,9 +156,9 @@ class _Evaluation:
     """FID/KID and attribute rates every schedule.eval_every iterations, by every rank together."""
 
     def __init__(self, cfg: GanConfig, session: Session) -> None:
-        from deeprecognition.gan_eval import GanEvaluator, pick_extractor
-        from deeprecognition.loops.gan_data import reference_faces
-        from deeprecognition.trained import TrainedClassifier
+        from deeprecognition.gan.metrics import GanEvaluator, pick_extractor
+        from deeprecognition.gan.data import reference_faces
+        from deeprecognition.classifier.trained import TrainedClassifier
 
         classifier = TrainedClassifier.load(cfg.eval.classifier, session.device) if cfg.eval.classifier else None
         extractor = pick_extractor(cfg.eval.inception_weights, classifier, session.device)

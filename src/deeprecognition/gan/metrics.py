@@ -20,12 +20,12 @@ import torch
 from torch import Tensor, nn
 
 from deeprecognition import storage
-from deeprecognition.distributed import all_gather_rows, all_sum, world
+from deeprecognition.runs.distributed import all_gather_rows, all_sum, world
 from deeprecognition.errors import InputError
-from deeprecognition.generate import draw_faces
-from deeprecognition.loops.gan_data import RealShare, reference_faces
+from deeprecognition.gan.generate import draw_faces
+from deeprecognition.gan.data import RealShare, reference_faces
 from deeprecognition.shards.sampling import part_bounds
-from deeprecognition.trained import TrainedClassifier
+from deeprecognition.classifier.trained import TrainedClassifier
 
 # The FID Inception weights torch-fidelity (and torchmetrics) would download.
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -186,7 +186,7 @@ def evaluate_gan(checkpoint: str, data: str = "", classifier: str = "", inceptio
     defaults it repeats the run's own evaluation of that checkpoint: same real faces, same latents."""
     import dataclasses
 
-    from deeprecognition.generate import TrainedGan
+    from deeprecognition.gan.generate import TrainedGan
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gan = TrainedGan.load(checkpoint, ema=ema, device=device, latest=latest)

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deeprecognition.catalog import best_checkpoint
-from deeprecognition.checkpoint import load_state
+from deeprecognition.runs.catalog import best_checkpoint
+from deeprecognition.runs.checkpoint import load_state
 from deeprecognition.config import ClassifierConfig, apply_overrides, from_checkpoint
 from deeprecognition.errors import InputError
-from deeprecognition.loops.classifier import InputNorm, build_model
+from deeprecognition.classifier.loop import InputNorm, build_model
 
 
 @dataclass

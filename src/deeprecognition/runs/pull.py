@@ -25,8 +25,9 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
-from deeprecognition import catalog, storage
-from deeprecognition.checkpoint import CHECKSUMS, file_digest
+from deeprecognition.runs import catalog
+from deeprecognition import storage
+from deeprecognition.runs.checkpoint import CHECKSUMS, file_digest
 from deeprecognition.errors import InputError
 
 CHUNK = 8 << 20

@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import torch
 
 from deeprecognition.config import GanConfig
-from deeprecognition.distributed import gather_sizes
+from deeprecognition.runs.distributed import gather_sizes
 from deeprecognition.shards.device_decode import images_on, require_cuda
 from deeprecognition.shards.loader import Batch, LoaderConfig, ShardStream, make_loader, parse_where
-from deeprecognition.trained import TrainedClassifier
+from deeprecognition.classifier.trained import TrainedClassifier
 
 
 def judged_positive(batches: Iterable[Batch], classifier: TrainedClassifier, attribute: str, threshold: float, batch_size: int) -> Iterator[Batch]:

@@ -17,14 +17,14 @@ import torch
 from torch import nn
 
 from deeprecognition import storage
-from deeprecognition.background import BackgroundWriter
+from deeprecognition.runs.background import BackgroundWriter
 from deeprecognition.config import ClassifierConfig, from_dict, to_dict
-from deeprecognition.distributed import all_sum
-from deeprecognition.loops.feature_cache import FeatureCache
-from deeprecognition.loops.resume import apply_hyperparameters, seed_rank_streams
-from deeprecognition.loops.session import Session
-from deeprecognition.metrics import AttributeMetrics, majority_vector
-from deeprecognition.report import RunLog
+from deeprecognition.runs.distributed import all_sum
+from deeprecognition.classifier.feature_cache import FeatureCache
+from deeprecognition.runs.resume import apply_hyperparameters, seed_rank_streams
+from deeprecognition.runs.session import Session
+from deeprecognition.classifier.metrics import AttributeMetrics, majority_vector
+from deeprecognition.runs.report import RunLog
 from deeprecognition.shards.device_decode import images_on, require_cuda
 from deeprecognition.shards.loader import LoaderConfig, make_loader
 from deeprecognition.shards.manifest import Manifest, read_manifest
@@ -32,10 +32,10 @@ from deeprecognition.shards.manifest import Manifest, read_manifest
 
 def build_model(cfg: ClassifierConfig, num_outputs: int, image_size: int) -> nn.Module:
     if cfg.model.name == "cnn":
-        from deeprecognition.models.cnn import PaperCNN
+        from deeprecognition.classifier.cnn import PaperCNN
 
         return PaperCNN(layers=cfg.model.layers, num_outputs=num_outputs, image_size=image_size, dense=cfg.model.dense)
-    from deeprecognition.models.transfer import ResNet50Transfer, load_backbone_weights
+    from deeprecognition.classifier.transfer import ResNet50Transfer, load_backbone_weights
 
     model = ResNet50Transfer(num_outputs=num_outputs, freeze=cfg.model.freeze, head_width=cfg.model.head_width)
     weights = load_backbone_weights(cfg.model.weights)
@@ -50,7 +50,7 @@ class InputNorm(nn.Module):
     def __init__(self, model_name: str) -> None:
         super().__init__()
         if model_name == "resnet50":
-            from deeprecognition.models.transfer import IMAGENET_MEAN, IMAGENET_STD
+            from deeprecognition.classifier.transfer import IMAGENET_MEAN, IMAGENET_STD
 
             mean, std = torch.tensor(IMAGENET_MEAN), torch.tensor(IMAGENET_STD)
         else:  # the study's rescale to [0, 1]

@@ -8,10 +8,10 @@ from typing import Any
 import torch
 
 from deeprecognition.errors import InputError
-from deeprecognition.loops.classifier import evaluate, majority_of
+from deeprecognition.classifier.loop import evaluate, majority_of
 from deeprecognition.shards.loader import LoaderConfig, make_loader
 from deeprecognition.shards.manifest import read_manifest
-from deeprecognition.trained import TrainedClassifier
+from deeprecognition.classifier.trained import TrainedClassifier
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, split: str = "test", batch_size: int = 256) -> dict[str, Any]:

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from deeprecognition import storage
-from deeprecognition.catalog import RunInfo, run_at
-from deeprecognition.checkpoint import load_state, write_checkpoint
-from deeprecognition.distributed import world
+from deeprecognition.runs.catalog import RunInfo, run_at
+from deeprecognition.runs.checkpoint import load_state, write_checkpoint
+from deeprecognition.runs.distributed import world
 
 # Checkpoint folders rank 0 may have handed to Ray's background upload at once. Ray runs those
 # uploads one at a time (MAX_CHECKPOINT_UPLOAD_THREADS = 1 in ray/train/v2/_internal/execution/
