@@ -74,7 +74,13 @@ def write_folder(folder: str, jpegs: dict[str, bytes]) -> None:
 INFO_ZIP_LOCAL_EXTRA = struct.pack("<HHBii", 0x5455, 9, 3, 1_262_304_000, 1_262_304_000)
 
 
-def write_zip(path: str, jpegs: dict[str, bytes], prefix: str = "img_align_celeba/", compression: int = zipfile.ZIP_STORED, local_extra: bytes = b"") -> None:
+def write_zip(
+    path: str,
+    jpegs: dict[str, bytes],
+    prefix: str = "img_align_celeba/",
+    compression: int = zipfile.ZIP_STORED,
+    local_extra: bytes = b"",
+) -> None:
     """A zip like the official img_align_celeba.zip: a folder entry, then one member per image.
 
     local_extra: extra fields written in each local header only, not in the central directory."""

@@ -85,7 +85,14 @@ def ray_cluster(s3: str) -> Iterator[None]:
 
     port = _free_local_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=4,
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        log_to_driver=False,
+    )
     yield
     ray.shutdown()
 
@@ -108,18 +115,28 @@ def faces64(ray_cluster: None, tmp_path_factory: pytest.TempPathFactory) -> str:
     """1,200 synthetic faces at 64 px: enough for a CNN to learn Male in a few CPU seconds."""
     src = str(tmp_path_factory.mktemp("s1200"))
     write_synthetic(src, n=1200, seed=3)
-    return pack(src, str(tmp_path_factory.mktemp("p1200")), PackOptions(image=ImageFormat(size=64), samples_per_shard=200)).dest
+    return pack(
+        src, str(tmp_path_factory.mktemp("p1200")), PackOptions(image=ImageFormat(size=64), samples_per_shard=200)
+    ).dest
 
 
 @pytest.fixture(scope="session")
 def judge(faces64: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A small CNN trained on Male, Smiling and Attractive: FID features and attribute rates."""
-    from deeprecognition.config import ClassifierConfig, apply_overrides, to_dict
     from deeprecognition.classifier.loop import train_loop_per_worker
+    from deeprecognition.config import ClassifierConfig, apply_overrides, to_dict
 
     runs = tmp_path_factory.mktemp("judge")
-    overrides = [f"data.data={faces64}", f"storage={runs}", "name=judge", "data.task=Male,Smiling,Attractive", "data.batch_size=32",
-                 "data.loader_workers=0", "model.layers=3", "optim.epochs=2"]
+    overrides = [
+        f"data.data={faces64}",
+        f"storage={runs}",
+        "name=judge",
+        "data.task=Male,Smiling,Attractive",
+        "data.batch_size=32",
+        "data.loader_workers=0",
+        "model.layers=3",
+        "optim.epochs=2",
+    ]
     train_loop_per_worker(to_dict(apply_overrides(ClassifierConfig(), overrides)))
     return str(runs / "judge")
 
@@ -128,5 +145,7 @@ def repartitioned(root: str, dest: str, n: int, partition: Callable[[int], int],
     """A synthetic CelebA of n faces whose official partition is `partition(i)` for image i
     (0 train, 1 val, 2 test), packed at `size` px: datasets with an empty or one-image split."""
     ann = write_synthetic(root, n=n, seed=11)
-    write_annotations(root, dataclasses.replace(ann, partition=np.array([partition(i) for i in range(n)], dtype=np.uint8)))
+    write_annotations(
+        root, dataclasses.replace(ann, partition=np.array([partition(i) for i in range(n)], dtype=np.uint8))
+    )
     return pack(root, dest, PackOptions(image=ImageFormat(size=size), samples_per_shard=50)).dest

@@ -42,8 +42,11 @@ from deeprecognition.storage import exists, join, read_bytes  # noqa: E402
 
 # A dead raylet is declared dead after 3 missed 1 s health checks instead of 5 missed 3 s ones. The
 # dashboard serves the state API that Ray Train's placement group cleaner watches the run with.
-HEAD = {"num_cpus": 0, "include_dashboard": True,
-        "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}}
+HEAD = {
+    "num_cpus": 0,
+    "include_dashboard": True,
+    "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
+}
 
 
 def latest(run_uri: str) -> dict[str, Any] | None:
@@ -72,7 +75,9 @@ def drain(cluster: Cluster, node, deadline_s: float) -> None:
     from ray.core.generated import autoscaler_pb2
 
     accepted, why = cluster.head_node.get_gcs_client().drain_node(
-        node.node_id, autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"), "spot reclaim (test)",
+        node.node_id,
+        autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+        "spot reclaim (test)",
         int((time.time() + deadline_s) * 1000),
     )
     assert accepted, why
@@ -93,7 +98,9 @@ def main(spec_path: str) -> None:
     # this one, not another Ray on the machine: the head's address is fixed first and exported.
     port = _free_port()
     os.environ["RAY_ADDRESS"] = f"{ray.util.get_node_ip_address()}:{port}"
-    cluster = Cluster(initialize_head=True, head_node_args={**HEAD, "gcs_server_port": port, "dashboard_port": _free_port()})
+    cluster = Cluster(
+        initialize_head=True, head_node_args={**HEAD, "gcs_server_port": port, "dashboard_port": _free_port()}
+    )
     nodes = [cluster.add_node(num_cpus=1) for _ in range(2)]
     ray.init(address=cluster.address, log_to_driver=True)
     cluster.wait_for_nodes()

@@ -49,14 +49,29 @@ class RayHead:
         # Not the test session's cluster: neither its address nor its state API (conftest.ray_cluster).
         env = {k: v for k, v in env.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
         # `python` in an entrypoint must be this interpreter, as it is the image's on a cluster.
-        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(16), PATH=f"{os.path.dirname(sys.executable)}:{env.get('PATH', '')}")
+        env.update(
+            RAY_AUTH_MODE="token",
+            RAY_AUTH_TOKEN=secrets.token_hex(16),
+            PATH=f"{os.path.dirname(sys.executable)}:{env.get('PATH', '')}",
+        )
         # On SIGTERM a node drains for up to 30 s before stopping: a test's head has nothing to hand over.
         env["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] = "0"
         dashboard_port, gcs_port = _free_port(), _free_port()
         args = [
-            RAY, "start", "--head", "--block", "--disable-usage-stats", f"--temp-dir={temp_dir}", f"--num-cpus={num_cpus}", "--num-gpus=0",
-            f"--port={gcs_port}", f"--ray-client-server-port={_free_port()}", "--dashboard-host=127.0.0.1",
-            f"--dashboard-port={dashboard_port}", f"--dashboard-agent-listen-port={_free_port()}", "--object-store-memory=300000000",
+            RAY,
+            "start",
+            "--head",
+            "--block",
+            "--disable-usage-stats",
+            f"--temp-dir={temp_dir}",
+            f"--num-cpus={num_cpus}",
+            "--num-gpus=0",
+            f"--port={gcs_port}",
+            f"--ray-client-server-port={_free_port()}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dashboard_port}",
+            f"--dashboard-agent-listen-port={_free_port()}",
+            "--object-store-memory=300000000",
         ]
         with open(os.path.join(temp_dir, "ray-start.log"), "w") as log:
             process = subprocess.Popen(args, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -79,7 +94,9 @@ class RayHead:
         raise RuntimeError(f"the test's Ray head did not start within {timeout_s} s:\n{log}")
 
     def _get(self, path: str) -> object:
-        request = urllib.request.Request(self.dashboard + path, headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"})
+        request = urllib.request.Request(
+            self.dashboard + path, headers={"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"}
+        )
         with urllib.request.urlopen(request, timeout=5) as response:
             return json.load(response)
 
@@ -88,10 +105,22 @@ class RayHead:
         argv = [RAY, "job", command, "--address", self.dashboard, *args]
         return subprocess.run(argv, cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout_s)
 
-    def submit(self, entrypoint: list[str], submission_id: str, runtime_env: dict | None = None, timeout_s: float = 540) -> subprocess.CompletedProcess:
+    def submit(
+        self, entrypoint: list[str], submission_id: str, runtime_env: dict | None = None, timeout_s: float = 540
+    ) -> subprocess.CompletedProcess:
         """`ray job submit --working-dir .`, waiting for the job to end."""
         env_args = ["--runtime-env-json", json.dumps(runtime_env)] if runtime_env else []
-        return self.jobs_cli("submit", "--submission-id", submission_id, "--working-dir", ".", *env_args, "--", *entrypoint, timeout_s=timeout_s)
+        return self.jobs_cli(
+            "submit",
+            "--submission-id",
+            submission_id,
+            "--working-dir",
+            ".",
+            *env_args,
+            "--",
+            *entrypoint,
+            timeout_s=timeout_s,
+        )
 
     def job(self, submission_id: str) -> dict:
         """The jobs API's record of a job: status, message, driver_info, ..."""
@@ -100,9 +129,19 @@ class RayHead:
     def join_node(self, num_cpus: int) -> None:
         """A worker node joins the cluster (`ray start --address HEAD --block`), as a node the
         autoscaler booted would."""
-        args = [RAY, "start", "--block", f"--address={self.gcs_address}", f"--num-cpus={num_cpus}", "--num-gpus=0", "--object-store-memory=200000000"]
+        args = [
+            RAY,
+            "start",
+            "--block",
+            f"--address={self.gcs_address}",
+            f"--num-cpus={num_cpus}",
+            "--num-gpus=0",
+            "--object-store-memory=200000000",
+        ]
         with open(os.path.join(self.temp_dir, f"node-{len(self.nodes)}.log"), "w") as log:
-            self.nodes.append(subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            self.nodes.append(
+                subprocess.Popen(args, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            )
 
     def stop(self) -> None:
         """The joined nodes, then the head: SIGTERM lets `ray start --block` drain and stop what it

@@ -16,17 +16,17 @@ import time
 import pytest
 
 from deeprecognition import storage
-from deeprecognition.runs.background import BackgroundWriteError, BackgroundWriter
-from deeprecognition.runs.catalog import list_runs
-from deeprecognition.runs.checkpoint import load_state
 from deeprecognition.cli import main
 from deeprecognition.config import to_dict
 from deeprecognition.errors import InputError
-from deeprecognition.launch import run
 from deeprecognition.gan import loop as gan_loop
+from deeprecognition.launch import run
 from deeprecognition.runs import session as session_module
-from deeprecognition.runs.session import UploadFolders
+from deeprecognition.runs.background import BackgroundWriteError, BackgroundWriter
+from deeprecognition.runs.catalog import list_runs
+from deeprecognition.runs.checkpoint import load_state
 from deeprecognition.runs.report import METRICS_LOG, PARTS, RunLog, read_history
+from deeprecognition.runs.session import UploadFolders
 
 from .conftest import BUCKET
 from .test_classifier import _train_worker_pids, config
@@ -93,7 +93,9 @@ def test_at_most_two_checkpoint_folders_wait_for_their_upload(tmp_path):
 
 def test_a_killed_workers_checkpoint_folders_go_when_the_next_process_uploads(tmp_path, monkeypatch):
     monkeypatch.setattr(session_module, "UPLOADS", str(tmp_path))
-    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    gone = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    )
     left = tmp_path / gone.stdout.strip() / "checkpoint-000002"  # what a worker killed mid-upload leaves
     left.mkdir(parents=True)
     folders = UploadFolders()
@@ -126,7 +128,9 @@ def test_the_metrics_log_reads_back_as_the_history_across_resumes_each_line_once
     seen, real_remove = [], storage.remove
     monkeypatch.setattr(storage, "remove", lambda uri: (seen.append(read_history(run_uri)), real_remove(uri)))
     written, real_write = [], storage.write_bytes_atomic
-    monkeypatch.setattr(storage, "write_bytes_atomic", lambda uri, data: (written.append((uri, len(data))), real_write(uri, data)))
+    monkeypatch.setattr(
+        storage, "write_bytes_atomic", lambda uri, data: (written.append((uri, len(data))), real_write(uri, data))
+    )
 
     with BackgroundWriter() as writer:  # resumed from the checkpoint of epoch 3: epochs 4 and 5 are trained again
         log = RunLog(run_uri, {"name": "r"}, resume_at=4, writer=writer)
@@ -175,8 +179,16 @@ def _fit_killing_a_worker_after_a_checkpoint(cfg, run_uri: str):
 def test_background_checkpoints_land_whole_resume_after_a_kill_and_the_last_is_there_when_fit_returns(faces64, s3):
     iterations, every = 300, 25
     run_uri = f"s3://{BUCKET}/async-runs/g"
-    cfg = gan_config(faces64, f"s3://{BUCKET}/async-runs", iterations, "scale.num_workers=1", "scale.max_failures=1",
-                     f"schedule.checkpoint_every={every}", "schedule.log_every=5", "schedule.mosaic_every=100")
+    cfg = gan_config(
+        faces64,
+        f"s3://{BUCKET}/async-runs",
+        iterations,
+        "scale.num_workers=1",
+        "scale.max_failures=1",
+        f"schedule.checkpoint_every={every}",
+        "schedule.log_every=5",
+        "schedule.mosaic_every=100",
+    )
     result = _fit_killing_a_worker_after_a_checkpoint(cfg, run_uri)
     assert result.error is None and result.metrics["iteration"] == iterations
     # The last checkpoint is synchronous: in storage, whole, when fit() returns.
@@ -191,14 +203,25 @@ def test_background_checkpoints_land_whole_resume_after_a_kill_and_the_last_is_t
     # Resumed from a background checkpoint, then every iteration logged once: the lines after it were logged again.
     logged = [m["iteration"] for m in read_history(run_uri)]
     assert logged == list(range(5, iterations + 1, 5))
-    assert [json.loads(line)["iteration"] for line in storage.read_bytes(f"{run_uri}/{METRICS_LOG}").decode().splitlines()] == logged
+    assert [
+        json.loads(line)["iteration"] for line in storage.read_bytes(f"{run_uri}/{METRICS_LOG}").decode().splitlines()
+    ] == logged
     assert not storage.list_names(f"{run_uri}/{PARTS}")
-    assert {"iter-000100.png", "iter-000200.png", "iter-000300.png", "contact-sheet.png"} <= set(storage.list_names(f"{run_uri}/mosaics"))
+    assert {"iter-000100.png", "iter-000200.png", "iter-000300.png", "contact-sheet.png"} <= set(
+        storage.list_names(f"{run_uri}/mosaics")
+    )
 
 
 def test_a_classifier_checkpoints_every_n_epochs_and_logs_every_epoch(faces64, tmp_path):
-    cfg = config(faces64, str(tmp_path), "name=every2", "optim.epochs=3", "optim.steps_per_epoch=3", "optim.checkpoint_every=2",
-                 "scale.keep_checkpoints=3")
+    cfg = config(
+        faces64,
+        str(tmp_path),
+        "name=every2",
+        "optim.epochs=3",
+        "optim.steps_per_epoch=3",
+        "optim.checkpoint_every=2",
+        "scale.keep_checkpoints=3",
+    )
     result = run(cfg)
     assert result.error is None and result.metrics["epoch"] == 2
     [listed] = list_runs(str(tmp_path / "every2"))
@@ -208,7 +231,24 @@ def test_a_classifier_checkpoints_every_n_epochs_and_logs_every_epoch(faces64, t
 
 
 def test_bench_checkpoint_times_both_modes_through_a_slow_link(capsys):
-    assert main(["bench", "checkpoint", "--size-mb", "4", "--bandwidth-mbps", "8", "--steps", "1", "--compute-s", "0.5", "--json"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "checkpoint",
+                "--size-mb",
+                "4",
+                "--bandwidth-mbps",
+                "8",
+                "--steps",
+                "1",
+                "--compute-s",
+                "0.5",
+                "--json",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert [len(result["blocked_s_each"][m]) for m in ("sync", "async")] == [1, 1]
     # The warm-up, one synchronous and one background checkpoint, all whole in the bench's S3

@@ -11,19 +11,22 @@ import boto3
 import pytest
 import torch
 
-from deeprecognition.runs import pull as pull_module
 from deeprecognition import storage
-from deeprecognition.runs.catalog import best, best_checkpoint, list_runs
-from deeprecognition.runs.checkpoint import load_state, write_checkpoint
 from deeprecognition.cli import main
 from deeprecognition.errors import InputError
+from deeprecognition.runs import pull as pull_module
+from deeprecognition.runs.catalog import best, best_checkpoint, list_runs
+from deeprecognition.runs.checkpoint import load_state, write_checkpoint
 from deeprecognition.runs.pull import pull
 
 from .conftest import BUCKET
 
 # run -> checkpoint name -> metrics, as the classifier and the GAN write them
 RUNS = {
-    "cnn-a": {f"checkpoint_00000{e}": {"epoch": e, "step": 10 * (e + 1), "val/mean_accuracy": acc} for e, acc in enumerate((0.6, 0.8, 0.7))},
+    "cnn-a": {
+        f"checkpoint_00000{e}": {"epoch": e, "step": 10 * (e + 1), "val/mean_accuracy": acc}
+        for e, acc in enumerate((0.6, 0.8, 0.7))
+    },
     "cnn-b": {"checkpoint_000000": {"epoch": 0, "step": 10, "val/mean_accuracy": 0.9}},
     "sweep/trial_1/gan": {
         "checkpoint_000100": {"iteration": 100},
@@ -50,15 +53,25 @@ def store(s3, tmp_path_factory) -> str:
             state = {"config": {"name": run}, "model": {"w": torch.full((20_000,), float(i))}, **metrics}
             write_checkpoint(str(scratch / run / name), state, metrics)
             _upload_folder(str(scratch / run / name), f"{root}/{run}/{name}")
-        storage.write_bytes_atomic(f"{root}/{run}/metrics.jsonl", b"".join(json.dumps(m).encode() + b"\n" for m in checkpoints.values()))
+        storage.write_bytes_atomic(
+            f"{root}/{run}/metrics.jsonl", b"".join(json.dumps(m).encode() + b"\n" for m in checkpoints.values())
+        )
     return root
 
 
 def test_list_ranks_runs_and_checkpoints_best_first(store, capsys):
     runs = list_runs(store)
-    assert [r.name for r in runs] == ["sweep/trial_1/gan", "cnn-b", "cnn-a"]  # FID-ranked first, then by validation accuracy
+    assert [r.name for r in runs] == [
+        "sweep/trial_1/gan",
+        "cnn-b",
+        "cnn-a",
+    ]  # FID-ranked first, then by validation accuracy
     gan, _, cnn_a = runs
-    assert [c.name for c in gan.checkpoints] == ["checkpoint_000200", "checkpoint_000300", "checkpoint_000100"]  # no FID: last
+    assert [c.name for c in gan.checkpoints] == [
+        "checkpoint_000200",
+        "checkpoint_000300",
+        "checkpoint_000100",
+    ]  # no FID: last
     assert [c.name for c in cnn_a.checkpoints] == ["checkpoint_000001", "checkpoint_000002", "checkpoint_000000"]
     assert cnn_a.best.metrics["val/mean_accuracy"] == 0.8 and cnn_a.best.position() == "epoch 1 (step 20)"
     assert cnn_a.bytes == sum(c.bytes for c in cnn_a.checkpoints) + storage.size(f"{store}/cnn-a/metrics.jsonl")
@@ -68,7 +81,10 @@ def test_list_ranks_runs_and_checkpoints_best_first(store, capsys):
     assert "ranked by fid (lower is better)" in out and "* checkpoint_000001" in out and "iteration 200" in out
     assert main(["checkpoints", "list", f"{store}/cnn-a", "--json"]) == 0
     [listed] = json.loads(capsys.readouterr().out)
-    assert listed["ranked_by"] == "val/mean_accuracy" and [c["name"] for c in listed["checkpoints"]][0] == "checkpoint_000001"
+    assert (
+        listed["ranked_by"] == "val/mean_accuracy"
+        and [c["name"] for c in listed["checkpoints"]][0] == "checkpoint_000001"
+    )
 
 
 def test_best_is_refused_across_runs_ranked_by_different_metrics(store):
@@ -149,5 +165,7 @@ def test_a_run_with_only_an_interrupted_checkpoint_says_so(tmp_path):
     folder = tmp_path / "run" / "checkpoint_000003"
     write_checkpoint(str(folder), {"epoch": 3, "config": {}}, {"epoch": 3})
     os.remove(folder / "checksums.json")  # what a killed upload leaves: the list is written last
-    with pytest.raises(InputError, match=r"holds no complete checkpoints \(1 partial: checkpoint_000003: no readable checksums.json"):
+    with pytest.raises(
+        InputError, match=r"holds no complete checkpoints \(1 partial: checkpoint_000003: no readable checksums.json"
+    ):
         best_checkpoint(str(tmp_path / "run"))

@@ -15,13 +15,13 @@ import pytest
 import torch
 
 from deeprecognition import storage
-from deeprecognition.runs.checkpoint import load_state
+from deeprecognition.classifier.evaluate import evaluate_checkpoint
+from deeprecognition.classifier.loop import majority_of, train_loop_per_worker
 from deeprecognition.cli import main
 from deeprecognition.config import ClassifierConfig, apply_overrides, to_dict
 from deeprecognition.errors import InputError
-from deeprecognition.classifier.evaluate import evaluate_checkpoint
 from deeprecognition.launch import check_before_workers, run
-from deeprecognition.classifier.loop import majority_of, train_loop_per_worker
+from deeprecognition.runs.checkpoint import load_state
 from deeprecognition.shards.loader import LoaderConfig, make_loader
 from deeprecognition.shards.manifest import read_manifest
 
@@ -29,8 +29,15 @@ from .conftest import BUCKET, COLLECTIVE_TIMEOUT_S, repartitioned
 
 
 def config(data: str, storage: str, *overrides: str) -> ClassifierConfig:
-    base = [f"data.data={data}", f"storage={storage}", "data.task=Male,Smiling", "data.batch_size=32", "data.loader_workers=0", "model.layers=3",
-            f"scale.collective_timeout_s={COLLECTIVE_TIMEOUT_S}"]
+    base = [
+        f"data.data={data}",
+        f"storage={storage}",
+        "data.task=Male,Smiling",
+        "data.batch_size=32",
+        "data.loader_workers=0",
+        "model.layers=3",
+        f"scale.collective_timeout_s={COLLECTIVE_TIMEOUT_S}",
+    ]
     return apply_overrides(ClassifierConfig(), base + list(overrides))
 
 
@@ -55,7 +62,9 @@ def test_one_process_run_learns_then_resumes_where_it_stopped(faces64, tmp_path)
     assert epochs_logged(run_dir) == [0, 1, 2, 3, 4]
     assert load_state(os.path.join(run_dir, "checkpoint_000004"))["step"] > state["step"]
     kept = sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint_"))
-    best = max(epochs_logged_metrics(run_dir)[:4], key=lambda m: (m["val/mean_accuracy"], m["epoch"]))["epoch"]  # a tie keeps the later
+    best = max(epochs_logged_metrics(run_dir)[:4], key=lambda m: (m["val/mean_accuracy"], m["epoch"]))[
+        "epoch"
+    ]  # a tie keeps the later
     assert kept == sorted({f"checkpoint_{best:06d}", "checkpoint_000004"})  # the best plus the latest
     # What the run leaves beside its checkpoints
     with open(os.path.join(run_dir, "report.json")) as f:
@@ -73,7 +82,9 @@ def test_one_process_run_learns_then_resumes_where_it_stopped(faces64, tmp_path)
 
 
 def test_two_worker_ddp_run_on_ray_checkpoints_to_s3(faces64, s3):
-    cfg = config(faces64, f"s3://{BUCKET}/runs", "name=ddp", "optim.epochs=2", "optim.steps_per_epoch=4", "scale.num_workers=2")
+    cfg = config(
+        faces64, f"s3://{BUCKET}/runs", "name=ddp", "optim.epochs=2", "optim.steps_per_epoch=4", "scale.num_workers=2"
+    )
     result = run(cfg)
     assert result.error is None
     assert result.metrics["epoch"] == 1 and result.metrics["step"] == 8 and result.metrics["world_size"] == 2
@@ -103,7 +114,10 @@ def _train_worker_pids() -> set[int]:
     from ray.util.state import list_actors
 
     # This session's cluster by its own address: another Ray head may run beside it (the jobs tests).
-    alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
+    alive = list_actors(
+        address=ray.get_runtime_context().gcs_address,
+        filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+    )
     return {a.pid for a in alive}
 
 
@@ -114,7 +128,9 @@ def fit_killing_a_worker(cfg, run_dir):
     fit = threading.Thread(target=lambda: outcome.update(result=run(cfg)))
     fit.start()
     deadline = time.monotonic() + 240
-    while time.monotonic() < deadline and not (run_dir.exists() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())):
+    while time.monotonic() < deadline and not (
+        run_dir.exists() and any(p.name.startswith("checkpoint_") for p in run_dir.iterdir())
+    ):
         time.sleep(0.05)
     victims = _train_worker_pids()
     assert victims, "no training worker alive after the first checkpoint"
@@ -125,7 +141,15 @@ def fit_killing_a_worker(cfg, run_dir):
 
 def test_a_killed_worker_is_replaced_and_the_run_finishes_from_its_checkpoint(faces64, tmp_path):
     epochs, steps = 6, 5
-    cfg = config(faces64, str(tmp_path), "name=killed", f"optim.epochs={epochs}", f"optim.steps_per_epoch={steps}", "scale.num_workers=2", "scale.max_failures=1")
+    cfg = config(
+        faces64,
+        str(tmp_path),
+        "name=killed",
+        f"optim.epochs={epochs}",
+        f"optim.steps_per_epoch={steps}",
+        "scale.num_workers=2",
+        "scale.max_failures=1",
+    )
     result, victim = fit_killing_a_worker(cfg, tmp_path / "killed")
     assert result.error is None
     # Counters continue from the checkpoint instead of restarting: exactly `epochs` epochs of `steps`.
@@ -139,15 +163,39 @@ def test_cli_reports_a_failed_run_in_one_line(faces64, tmp_path, capsys):
     data = str(tmp_path / "data")
     shutil.copytree(faces64, data)
     os.remove(os.path.join(data, read_manifest(data).splits["train"].shards[0].name))
-    code = main(["train", "classifier", "--data", data, "--storage", str(tmp_path), "--name", "doomed", "--epochs", "1", "--set", "data.loader_workers=0"])
+    code = main(
+        [
+            "train",
+            "classifier",
+            "--data",
+            data,
+            "--storage",
+            str(tmp_path),
+            "--name",
+            "doomed",
+            "--epochs",
+            "1",
+            "--set",
+            "data.loader_workers=0",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert "the run failed: rank 0:" in err and "Traceback" not in err
 
 
 def test_frozen_backbone_head_trains_on_cached_features_and_matches_the_full_model(faces64, tmp_path):
-    cfg = config(faces64, str(tmp_path), "name=cached", "model.name=resnet50", "model.freeze=all", "model.weights=none",
-                 "optim.epochs=2", "optim.steps_per_epoch=6", "data.task=Male")
+    cfg = config(
+        faces64,
+        str(tmp_path),
+        "name=cached",
+        "model.name=resnet50",
+        "model.freeze=all",
+        "model.weights=none",
+        "optim.epochs=2",
+        "optim.steps_per_epoch=6",
+        "data.task=Male",
+    )
     train_loop_per_worker(to_dict(cfg))
     run_dir = tmp_path / "cached"
     report = json.loads((run_dir / "report.json").read_text())
@@ -167,12 +215,18 @@ def _ddp_probe(config: dict) -> None:
 
     rank = ray.train.get_context().get_world_rank()
     # The train split in evaluation mode: its 5 shards split between the ranks, each image once.
-    pass_keys = [k for b in make_loader(LoaderConfig(data=config["data"], split="train", training=False, num_workers=0)) for k in b.keys]
+    pass_keys = [
+        k
+        for b in make_loader(LoaderConfig(data=config["data"], split="train", training=False, num_workers=0))
+        for k in b.keys
+    ]
     batch = next(iter(make_loader(LoaderConfig(data=config["data"], batch_size=16, num_workers=0, targets=("Male",)))))
     torch.manual_seed(rank)  # a different init on each rank: DDP must start them all from rank 0's
     model = torch.nn.parallel.DistributedDataParallel(PaperCNN(layers=2, num_outputs=1, image_size=64))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    torch.nn.functional.binary_cross_entropy_with_logits(model(batch.images.float() / 255), batch.targets.float()).backward()
+    torch.nn.functional.binary_cross_entropy_with_logits(
+        model(batch.images.float() / 255), batch.targets.float()
+    ).backward()
     optimizer.step()
     weights = torch.cat([p.detach().flatten() for p in model.parameters()])
     with open(os.path.join(config["out"], f"rank{rank}.json"), "w") as f:
@@ -212,7 +266,9 @@ def test_a_continued_run_trains_at_the_learning_rate_it_is_given(faces64, tmp_pa
 
 
 def test_evaluate_on_a_test_only_dataset_keeps_the_models_own_floor(faces64, tmp_path):
-    train_loop_per_worker(to_dict(config(faces64, str(tmp_path), "name=floor", "optim.epochs=1", "optim.steps_per_epoch=2")))
+    train_loop_per_worker(
+        to_dict(config(faces64, str(tmp_path), "name=floor", "optim.epochs=1", "optim.steps_per_epoch=2"))
+    )
     run_dir = str(tmp_path / "floor")
     majority = torch.tensor(load_state(os.path.join(run_dir, "checkpoint_000000"))["majority"])
     assert majority.tolist() == majority_of(read_manifest(faces64), ("Male", "Smiling")).tolist()
@@ -220,6 +276,15 @@ def test_evaluate_on_a_test_only_dataset_keeps_the_models_own_floor(faces64, tmp
     test_only = repartitioned(str(tmp_path / "src"), str(tmp_path / "test-only"), 40, lambda i: 2)
     assert read_manifest(test_only).splits["train"].samples == 0
     report = evaluate_checkpoint(run_dir, test_only, split="test")
-    labels = torch.cat([b.targets for b in make_loader(LoaderConfig(data=test_only, split="test", training=False, num_workers=0, targets=("Male", "Smiling")))])
+    labels = torch.cat(
+        [
+            b.targets
+            for b in make_loader(
+                LoaderConfig(data=test_only, split="test", training=False, num_workers=0, targets=("Male", "Smiling"))
+            )
+        ]
+    )
     assert report["samples"] == 40
-    assert report["exact_match_majority_baseline"] == pytest.approx(((labels != 0) == majority).all(1).float().mean().item())
+    assert report["exact_match_majority_baseline"] == pytest.approx(
+        ((labels != 0) == majority).all(1).float().mean().item()
+    )

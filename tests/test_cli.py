@@ -63,7 +63,9 @@ def test_bad_input_is_one_clear_line_not_a_traceback(tmp_path, capsys):
 def test_module_entry_point_runs_as_ray_job_submit_would(packed):
     out = subprocess.run(
         [sys.executable, "-m", "deeprecognition", "stats", packed.dest, "--json"],
-        check=True, capture_output=True, text=True,
+        check=True,
+        capture_output=True,
+        text=True,
     ).stdout
     assert sum(s["samples"] for s in json.loads(out).values()) == SYNTH_N
 
@@ -89,18 +91,39 @@ def test_tune_json_prints_the_document_alone_and_rays_worker_lines_on_stderr(pac
     # until its aggregation window ends or the driver disconnects. A long window makes it the
     # disconnect every time, as it is whenever the trials end within 5 s of each other.
     sweep = tmp_path / "two_depths.yaml"
-    sweep.write_text(open(os.path.join(REPO, "tune_configs", "cnn_layers.yaml")).read().replace("{grid: [1, 2, 3, 4]}", "{grid: [1, 2]}"))
+    sweep.write_text(
+        open(os.path.join(REPO, "tune_configs", "cnn_layers.yaml"))
+        .read()
+        .replace("{grid: [1, 2, 3, 4]}", "{grid: [1, 2]}")
+    )
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"RAY_DEDUP_LOGS_AGG_WINDOW_S": "600"}
     done = subprocess.run(
-        [sys.executable, "-m", "deeprecognition", "-v", "tune", str(sweep), "--data", packed.dest, "--storage", str(tmp_path / "sweeps"), "--smoke", "--json"],
-        capture_output=True, text=True, env=env,  # no RAY_ADDRESS: the command starts a local Ray of its own
+        [
+            sys.executable,
+            "-m",
+            "deeprecognition",
+            "-v",
+            "tune",
+            str(sweep),
+            "--data",
+            packed.dest,
+            "--storage",
+            str(tmp_path / "sweeps"),
+            "--smoke",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,  # no RAY_ADDRESS: the command starts a local Ray of its own
     )
     assert done.returncode == 0, done.stderr[-3000:]
     document = json.loads(done.stdout)  # one document and nothing else, or this raises
     assert [t["status"] for t in document["trials"]] == ["finished", "finished"]
     err = re.sub(r"\x1b\[[0-9;]*m", "", done.stderr)  # Ray colours its prefixes
     assert "Trial status:" in err  # Tune's progress
-    assert re.search(r"\(RayTrainWorker pid=\d+\) epoch \d/2 .*\[repeated \dx across cluster\]", err)  # the workers' stdout
+    assert re.search(
+        r"\(RayTrainWorker pid=\d+\) epoch \d/2 .*\[repeated \dx across cluster\]", err
+    )  # the workers' stdout
 
 
 def _subcommand(parser: argparse.ArgumentParser, *names: str) -> argparse.ArgumentParser:
@@ -112,11 +135,17 @@ def _subcommand(parser: argparse.ArgumentParser, *names: str) -> argparse.Argume
 
 TRAIN_FIELDS = {"classifier": CLASSIFIER_FLAGS | PLACEMENT_FLAGS, "gan": GAN_FLAGS | PLACEMENT_FLAGS}
 # Every numeric flag of both train commands, read from the parser: a new one is covered as it lands.
-NUMERIC_TRAIN_FLAGS = [(job, action.option_strings[0], action.dest) for job in TRAIN_FIELDS
-                       for action in _subcommand(_parser(), "train", job)._actions if action.type in (int, float)]
+NUMERIC_TRAIN_FLAGS = [
+    (job, action.option_strings[0], action.dest)
+    for job in TRAIN_FIELDS
+    for action in _subcommand(_parser(), "train", job)._actions
+    if action.type in (int, float)
+]
 
 
-@pytest.mark.parametrize(("job", "flag", "dest"), NUMERIC_TRAIN_FLAGS, ids=[f"{job}{flag}" for job, flag, _ in NUMERIC_TRAIN_FLAGS])
+@pytest.mark.parametrize(
+    ("job", "flag", "dest"), NUMERIC_TRAIN_FLAGS, ids=[f"{job}{flag}" for job, flag, _ in NUMERIC_TRAIN_FLAGS]
+)
 def test_a_zero_train_flag_reaches_the_config(job, flag, dest, capsys):
     field = TRAIN_FIELDS[job][dest]  # a KeyError here: a flag that never reaches the config
     code, out, err = run_cli(capsys, "train", job, flag, "0", "--dry-run")

@@ -11,10 +11,10 @@ import re
 import shlex
 import subprocess
 import sys
-import tomllib
 
 import pytest
 import ray
+import tomllib
 import yaml
 from packaging.specifiers import SpecifierSet
 
@@ -33,7 +33,9 @@ AWS = yaml.safe_load(read("cluster/aws.yaml"))
 RAYJOB = yaml.safe_load(read("cluster/kuberay-rayjob.yaml"))
 DOCKERFILE = read("Dockerfile")
 # Credentials that must never be written into a config, an image or a job.
-SECRETS = re.compile(r"AKIA[0-9A-Z]{16}|aws_secret_access_key|AWS_SECRET|AWS_ACCESS_KEY|AWS_SESSION_TOKEN|RAY_AUTH_TOKEN|PASSWORD", re.I)
+SECRETS = re.compile(
+    r"AKIA[0-9A-Z]{16}|aws_secret_access_key|AWS_SECRET|AWS_ACCESS_KEY|AWS_SESSION_TOKEN|RAY_AUTH_TOKEN|PASSWORD", re.I
+)
 
 
 def base_image() -> tuple[str, str]:
@@ -66,14 +68,19 @@ def test_dockerfile_installs_this_package_as_a_non_root_user_without_credentials
     assert not re.search(r"^(ENV|ARG)\s+\S*(KEY|TOKEN|SECRET)", DOCKERFILE, re.M | re.I)
     # The dependencies are pyproject.toml's own list (no second copy of the pins to drift), and
     # the package is a wheel built from this repository.
-    assert "tomllib.load(open('/tmp/pyproject.toml'" in DOCKERFILE and "pip install --no-cache-dir -r /tmp/requirements.txt" in DOCKERFILE
+    assert (
+        "tomllib.load(open('/tmp/pyproject.toml'" in DOCKERFILE
+        and "pip install --no-cache-dir -r /tmp/requirements.txt" in DOCKERFILE
+    )
     assert "pip wheel --no-cache-dir --no-deps" in DOCKERFILE and "deeprecognition-*.whl" in DOCKERFILE
 
 
 def test_dockerfile_passes_hadolint():
     hadolint = os.path.join(os.path.dirname(sys.executable), "hadolint")
     assert os.path.exists(hadolint), "hadolint comes with the test extras: make install"
-    done = subprocess.run([hadolint, "--failure-threshold", "info", "Dockerfile"], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        [hadolint, "--failure-threshold", "info", "Dockerfile"], cwd=REPO, capture_output=True, text=True
+    )
     assert done.returncode == 0, done.stdout + done.stderr
 
 
@@ -81,7 +88,12 @@ def test_the_build_context_holds_what_the_dockerfile_copies_and_nothing_else():
     ignore = [line for line in read(".dockerignore").splitlines() if line and not line.startswith("#")]
     assert ignore[0] == "*"  # an allowlist: no .venv, shards or .git in the context
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
-    copied = {src for line in re.findall(r"^COPY (?!--from)(.+)$", DOCKERFILE, re.M) for src in line.split()[:-1] if not src.startswith("--")}
+    copied = {
+        src
+        for line in re.findall(r"^COPY (?!--from)(.+)$", DOCKERFILE, re.M)
+        for src in line.split()[:-1]
+        if not src.startswith("--")
+    }
     assert copied <= allowed, copied - allowed
 
 
@@ -96,11 +108,15 @@ def test_aws_yaml_passes_rays_own_validation():
 def test_aws_node_types_follow_the_rules_ray_does_not_check():
     types = AWS["available_node_types"]
     head = types[AWS["head_node_type"]]
-    assert head["resources"].get("GPU", 0) == 0 and "InstanceMarketOptions" not in head["node_config"]  # a CPU head, on demand
+    assert (
+        head["resources"].get("GPU", 0) == 0 and "InstanceMarketOptions" not in head["node_config"]
+    )  # a CPU head, on demand
     for name, node in types.items():
         assert all(isinstance(v, int) for v in node["resources"].values()), name
         assert re.fullmatch(r"ami-[0-9a-f]{17}", node["node_config"]["ImageId"]), f"{name}: name a current GPU AMI"
-        assert node["node_config"]["IamInstanceProfile"]["Name"] in read("cluster/aws-iam.sh"), f"{name}: an instance profile for S3"
+        assert node["node_config"]["IamInstanceProfile"]["Name"] in read("cluster/aws-iam.sh"), (
+            f"{name}: an instance profile for S3"
+        )
     workers = {name: node for name, node in types.items() if node is not head}
     gpu = {name: node for name, node in workers.items() if node["resources"].get("GPU")}
     assert {node["resources"]["GPU"] for node in gpu.values()} == {1, 8}
@@ -108,8 +124,14 @@ def test_aws_node_types_follow_the_rules_ray_does_not_check():
     for name, node in workers.items():
         if node["node_config"].get("InstanceMarketOptions", {}).get("MarketType") == "spot":
             gpus = node["resources"].get("GPU", 0)
-            fallback = [n for n, other in workers.items() if other["resources"].get("GPU", 0) == gpus and "InstanceMarketOptions" not in other["node_config"]]
-            assert fallback and all(workers[n]["priority"] < node["priority"] for n in fallback), f"{name}: an on-demand fallback"
+            fallback = [
+                n
+                for n, other in workers.items()
+                if other["resources"].get("GPU", 0) == gpus and "InstanceMarketOptions" not in other["node_config"]
+            ]
+            assert fallback and all(workers[n]["priority"] < node["priority"] for n in fallback), (
+                f"{name}: an on-demand fallback"
+            )
     assert AWS["idle_timeout_minutes"] > 0 and AWS["provider"]["cache_stopped_nodes"] is False
     assert not SECRETS.search(read("cluster/aws.yaml"))
 
@@ -119,7 +141,7 @@ def test_every_aws_gpu_node_type_names_a_gpu_type_that_gpu_type_accepts():
 
     named = {}
     for name, node in AWS["available_node_types"].items():
-        types = [k[len(ACCELERATOR_PREFIX):] for k in node["resources"] if k.startswith(ACCELERATOR_PREFIX)]
+        types = [k[len(ACCELERATOR_PREFIX) :] for k in node["resources"] if k.startswith(ACCELERATOR_PREFIX)]
         assert len(types) == (1 if node["resources"].get("GPU") else 0), name
         if types:
             named[name] = types[0]
@@ -134,7 +156,9 @@ def test_the_image_and_both_cluster_files_turn_on_the_dashboards_train_page():
     assert re.search(r"^ENV RAY_TRAIN_ENABLE_STATE_TRACKING=1$", read("Dockerfile"), re.M)
     assert "--env RAY_TRAIN_ENABLE_STATE_TRACKING=1" in AWS["docker"]["run_options"]
     cluster = RAYJOB["spec"]["rayClusterSpec"]
-    containers = [c for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]] for c in g["template"]["spec"]["containers"]]
+    containers = [
+        c for g in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]] for c in g["template"]["spec"]["containers"]
+    ]
     assert all({"name": "RAY_TRAIN_ENABLE_STATE_TRACKING", "value": "1"} in c["env"] for c in containers)
 
 
@@ -150,7 +174,11 @@ def test_kuberay_rayjob_runs_the_same_image_and_a_deeprec_entrypoint():
     pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
     assert {c["image"] for pod in pods for c in pod["containers"]} == {project_image()}
     assert all(pod["securityContext"]["runAsNonRoot"] and pod["serviceAccountName"] for pod in pods)
-    [gpu] = [g for g in cluster["workerGroupSpecs"] if g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")]
+    [gpu] = [
+        g
+        for g in cluster["workerGroupSpecs"]
+        if g["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu")
+    ]
     assert gpu["minReplicas"] == 0 and cluster["enableInTreeAutoscaling"] is True
     assert not SECRETS.search(read("cluster/kuberay-rayjob.yaml"))
     assert_parses(shlex.split(spec["entrypoint"]))

@@ -34,15 +34,40 @@ def test_a_job_waits_for_the_worker_node_that_joins_after_ray_trains_start_timeo
     joins = threading.Timer(NODE_JOINS_AFTER_S, empty_head.join_node, kwargs={"num_cpus": 2})
     joins.start()
     try:
-        done = empty_head.submit(["python", "-m", "deeprecognition", "train", "classifier", "--preset", "paper-cnn", "--data", packed.dest,
-                                  "--epochs", "1", "--steps-per-epoch", "2", "--num-workers", "1", "--storage", str(tmp_path), "--name", "cold",
-                                  "--set", "data.loader_workers=0"],
-                                 "cold-start", runtime_env={"py_modules": ["src/deeprecognition"]})
+        done = empty_head.submit(
+            [
+                "python",
+                "-m",
+                "deeprecognition",
+                "train",
+                "classifier",
+                "--preset",
+                "paper-cnn",
+                "--data",
+                packed.dest,
+                "--epochs",
+                "1",
+                "--steps-per-epoch",
+                "2",
+                "--num-workers",
+                "1",
+                "--storage",
+                str(tmp_path),
+                "--name",
+                "cold",
+                "--set",
+                "data.loader_workers=0",
+            ],
+            "cold-start",
+            runtime_env={"py_modules": ["src/deeprecognition"]},
+        )
     finally:
         joins.cancel()
     info = empty_head.job("cold-start")
     logs = empty_head.jobs_cli("logs", "cold-start").stdout
-    assert done.returncode == 0 and info["status"] == "SUCCEEDED", f"{info['status']}: {info.get('message')}\n{logs[-4000:]}"
+    assert done.returncode == 0 and info["status"] == "SUCCEEDED", (
+        f"{info['status']}: {info.get('message')}\n{logs[-4000:]}"
+    )
     # The wait is visible: what the run waits for and what the cluster has, then a line a minute.
     assert "waiting for 1 worker of {CPU: 1} (PACK): the cluster has 0/0 CPU free" in logs
     assert "still waiting (6" in logs and "placed after" in logs

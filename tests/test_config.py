@@ -23,7 +23,10 @@ def test_tasks_resolve_to_attribute_names():
 
 
 def test_overrides_are_coerced_by_field_type():
-    cfg = apply_overrides(ClassifierConfig(), ["model.layers=4", "optim.lr=3e-4", "scale.gpu=true", "optim.steps_per_epoch=none", "model.weights=none"])
+    cfg = apply_overrides(
+        ClassifierConfig(),
+        ["model.layers=4", "optim.lr=3e-4", "scale.gpu=true", "optim.steps_per_epoch=none", "model.weights=none"],
+    )
     assert (cfg.model.layers, cfg.optim.lr, cfg.scale.gpu, cfg.optim.steps_per_epoch) == (4, 3e-4, True, None)
     assert cfg.model.weights == "none"  # a string field keeps the word, an optional one gets None
 

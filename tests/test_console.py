@@ -37,7 +37,9 @@ def _laptop_env(ray_tmpdir: str) -> dict[str, str]:
 
 
 def _lines(output: str) -> list[str]:
-    return [line for line in re.sub(r"\x1b\[[0-9;]*m", "", output).splitlines() if line.strip()]  # Ray colours its prefixes
+    return [
+        line for line in re.sub(r"\x1b\[[0-9;]*m", "", output).splitlines() if line.strip()
+    ]  # Ray colours its prefixes
 
 
 @pytest.fixture(scope="module")
@@ -45,12 +47,37 @@ def two_runs(packed, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[
     """`deeprec train classifier` twice at once, the second with -v: name -> (exit code, console lines)."""
     runs = tmp_path_factory.mktemp("console-runs")
     ray_tmpdir = tempfile.mkdtemp(prefix="rayc", dir="/tmp")  # short: Ray's socket paths must fit in 107 characters
-    train = ["train", "classifier", "--data", packed.dest, "--layers", "1", "--num-workers", "1", "--epochs", str(EPOCHS),
-             "--steps-per-epoch", "2", "--batch-size", "16", "--storage", str(runs), "--set", "data.loader_workers=0"]
+    train = [
+        "train",
+        "classifier",
+        "--data",
+        packed.dest,
+        "--layers",
+        "1",
+        "--num-workers",
+        "1",
+        "--epochs",
+        str(EPOCHS),
+        "--steps-per-epoch",
+        "2",
+        "--batch-size",
+        "16",
+        "--storage",
+        str(runs),
+        "--set",
+        "data.loader_workers=0",
+    ]
     commands = {"quiet": [*train, "--name", "quiet"], "verbose": ["-v", *train, "--name", "verbose"]}
-    procs = {name: subprocess.Popen([sys.executable, "-m", "deeprecognition", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, env=_laptop_env(ray_tmpdir))
-             for name, argv in commands.items()}
+    procs = {
+        name: subprocess.Popen(
+            [sys.executable, "-m", "deeprecognition", *argv],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=_laptop_env(ray_tmpdir),
+        )
+        for name, argv in commands.items()
+    }
     yield {name: _finish(proc) for name, proc in procs.items()}
     shutil.rmtree(ray_tmpdir, ignore_errors=True)
 
@@ -83,14 +110,18 @@ def test_verbose_shows_rays_internals_and_each_epoch_once(two_runs):
     assert any("Started training worker group" in line for line in lines)  # Ray Train's controller, at INFO
     assert any("Reporting training result" in line for line in lines)  # Ray Train's worker, unfiltered
     for epoch in range(1, EPOCHS + 1):
-        assert len(_epoch_lines(lines, epoch)) == 1, lines  # a worker's print once, not from its stdout and again its stderr
+        assert len(_epoch_lines(lines, epoch)) == 1, (
+            lines
+        )  # a worker's print once, not from its stdout and again its stderr
 
 
 def test_the_console_leaves_out_rays_unactionable_lines_only_and_folds_none():
     env = console_env(verbose=False, attaching=False)
     skip, allow = re.compile(env["RAY_DEDUP_LOGS_SKIP_REGEX"]), re.compile(env["RAY_DEDUP_LOGS_ALLOW_REGEX"])
     assert all(skip.search(line) and not allow.search(line) for line in RAY_LINES)  # Ray reads allow first
-    assert allow.search(OUR_LINE) and not skip.search(OUR_LINE)  # printed as it comes, never folded with another trial's
+    assert allow.search(OUR_LINE) and not skip.search(
+        OUR_LINE
+    )  # printed as it comes, never folded with another trial's
     # The same error about another actor (one of ours, say) is one to act on.
     other_actor = RAY_LINES[1].replace("PreemptionWatcher", "Session")
     assert allow.search(other_actor) and not skip.search(other_actor)

@@ -28,16 +28,15 @@ import torch
 import yaml
 
 from deeprecognition import storage
-from deeprecognition.runs.catalog import list_runs
-from deeprecognition.runs.catalog import best_checkpoint
-from deeprecognition.runs.checkpoint import load_state, write_checkpoint
+from deeprecognition.classifier.loop import train_loop_per_worker
 from deeprecognition.cli import main
 from deeprecognition.config import ClassifierConfig, apply_overrides, from_dict, to_dict
 from deeprecognition.errors import CorruptShardError, InputError
-from deeprecognition.classifier.loop import train_loop_per_worker
-from deeprecognition.runs.session import restore
+from deeprecognition.runs.catalog import best_checkpoint, list_runs
+from deeprecognition.runs.checkpoint import load_state, write_checkpoint
 from deeprecognition.runs.pull import pull
 from deeprecognition.runs.report import RunLog, read_history
+from deeprecognition.runs.session import restore
 from deeprecognition.shards.loader import LoaderConfig, make_loader
 from deeprecognition.shards.manifest import read_manifest
 from deeprecognition.shards.pack import pack
@@ -57,12 +56,21 @@ def _proxy(s3: str, **faults) -> FaultProxy:
 
 
 def _tree(root) -> dict[str, bytes]:
-    return {os.path.relpath(os.path.join(d, n), root): open(os.path.join(d, n), "rb").read() for d, _, names in os.walk(root) for n in names}
+    return {
+        os.path.relpath(os.path.join(d, n), root): open(os.path.join(d, n), "rb").read()
+        for d, _, names in os.walk(root)
+        for n in names
+    }
 
 
 def _checkpoint(folder, epoch: int, values: int = 1_000_000) -> dict:
     """A checkpoint folder as the trainer writes it (state.pt, config.json, metrics.json, checksums.json)."""
-    state = {"config": {"name": "r"}, "model": {"w": torch.arange(values, dtype=torch.float32) + epoch}, "epoch": epoch, "step": 10 * (epoch + 1)}
+    state = {
+        "config": {"name": "r"},
+        "model": {"w": torch.arange(values, dtype=torch.float32) + epoch},
+        "epoch": epoch,
+        "step": 10 * (epoch + 1),
+    }
     write_checkpoint(str(folder), state, {"epoch": epoch, "step": state["step"], "val/mean_accuracy": 0.5 + epoch / 10})
     return state
 
@@ -70,10 +78,14 @@ def _checkpoint(folder, epoch: int, values: int = 1_000_000) -> dict:
 # ----- an object store that resets, cuts and throttles ------------------------------------------
 
 
-def test_pack_and_verify_through_a_store_that_cuts_and_throttles_give_the_exact_dataset(packed, synth_root, s3, monkeypatch, capsys):
+def test_pack_and_verify_through_a_store_that_cuts_and_throttles_give_the_exact_dataset(
+    packed, synth_root, s3, monkeypatch, capsys
+):
     proxy = _proxy(s3, cut_every=4, cut_after=2000, throttle_every=5)
     try:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)  # the pack's Ray tasks get it too (raycluster.worker_runtime_env)
+        monkeypatch.setenv(
+            "AWS_ENDPOINT_URL", proxy.url
+        )  # the pack's Ray tasks get it too (raycluster.worker_runtime_env)
         report = pack(synth_root, f"s3://{BUCKET}/faulty-pack", TEST_PACK)
         assert main(["verify", f"s3://{BUCKET}/faulty-pack"]) == 0
     finally:
@@ -85,7 +97,9 @@ def test_pack_and_verify_through_a_store_that_cuts_and_throttles_give_the_exact_
     assert f"OK: checked {len(shas(packed.manifest))} shards" in out and "storage operations retried" in out
 
 
-def test_checkpoints_run_files_and_pulls_through_a_store_that_cuts_and_throttles_are_exact(s3, tmp_path, monkeypatch, capsys):
+def test_checkpoints_run_files_and_pulls_through_a_store_that_cuts_and_throttles_are_exact(
+    s3, tmp_path, monkeypatch, capsys
+):
     from ray.train import Checkpoint
     from ray.train.v2._internal.execution.storage import _upload_to_fs_path, get_fs_and_path
 
@@ -95,7 +109,9 @@ def test_checkpoints_run_files_and_pulls_through_a_store_that_cuts_and_throttles
     retries_before = storage.retry_count()
     try:
         monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)
-        for e in states:  # what ray.train.report runs to upload a checkpoint (pyarrow), and get_checkpoint to restore one
+        for (
+            e
+        ) in states:  # what ray.train.report runs to upload a checkpoint (pyarrow), and get_checkpoint to restore one
             fs, path = get_fs_and_path(f"{run}/checkpoint_00000{e}")
             _upload_to_fs_path(str(tmp_path / "local" / f"checkpoint_00000{e}"), fs, path)
             assert torch.equal(restore(Checkpoint(path, filesystem=fs))["model"]["w"], states[e]["model"]["w"])
@@ -110,7 +126,9 @@ def test_checkpoints_run_files_and_pulls_through_a_store_that_cuts_and_throttles
     assert proxy.cuts + proxy.throttled > 0 and storage.retry_count() > retries_before
     pulled = _tree(tmp_path / "pulled" / "faulty-run")
     for e in states:
-        assert {k.split("/", 1)[1]: v for k, v in pulled.items() if k.startswith(f"checkpoint_00000{e}/")} == _tree(tmp_path / "local" / f"checkpoint_00000{e}")
+        assert {k.split("/", 1)[1]: v for k, v in pulled.items() if k.startswith(f"checkpoint_00000{e}/")} == _tree(
+            tmp_path / "local" / f"checkpoint_00000{e}"
+        )
     out = capsys.readouterr().out
     assert "6 by sha256" in out and "storage operations were retried" in out
 
@@ -118,7 +136,9 @@ def test_checkpoints_run_files_and_pulls_through_a_store_that_cuts_and_throttles
 # ----- corrupt data ----------------------------------------------------------------------------
 
 
-def test_flipped_truncated_missing_and_dangling_shards_are_named_by_loader_and_verify_then_repaired(packed, synth_root, tmp_path, capsys):
+def test_flipped_truncated_missing_and_dangling_shards_are_named_by_loader_and_verify_then_repaired(
+    packed, synth_root, tmp_path, capsys
+):
     data = str(tmp_path / "ds")
     shutil.copytree(packed.dest, data)
     manifest = read_manifest(data)
@@ -127,7 +147,9 @@ def test_flipped_truncated_missing_and_dangling_shards_are_named_by_loader_and_v
     flip_byte(os.path.join(data, flipped), 4000)
     truncate(os.path.join(data, truncated), 3000)
     os.remove(os.path.join(data, missing))
-    os.rename(os.path.join(data, dangling), os.path.join(data, "train-000777.tar"))  # the manifest points to a name that is not there
+    os.rename(
+        os.path.join(data, dangling), os.path.join(data, "train-000777.tar")
+    )  # the manifest points to a name that is not there
     expected = {
         ("train", flipped): "sha256 does not match the manifest|missing: listed in",  # whichever the pass meets first
         ("val", truncated): "3000 bytes, the manifest says",
@@ -145,7 +167,9 @@ def test_flipped_truncated_missing_and_dangling_shards_are_named_by_loader_and_v
     assert "UNLISTED train-000777.tar: in the folder but not in manifest.json" in out
     assert "4 bad shard(s)" in out
     os.remove(os.path.join(data, "manifest.json"))  # the repair the error message gives: pack again
-    assert pack(synth_root, data, TEST_PACK).built == len(manifest.splits["train"].shards + manifest.splits["val"].shards + manifest.splits["test"].shards)
+    assert pack(synth_root, data, TEST_PACK).built == len(
+        manifest.splits["train"].shards + manifest.splits["val"].shards + manifest.splits["test"].shards
+    )
     assert main(["verify", data]) == 0 and "UNLISTED" not in capsys.readouterr().out
 
 
@@ -154,11 +178,23 @@ def test_training_stops_with_the_shards_name_and_writes_no_checkpoint_past_it(pa
     shutil.copytree(packed.dest, data)
     bad = read_manifest(data).splits["val"].shards[-1].name
     truncate(os.path.join(data, bad), 2048)
-    cfg = apply_overrides(ClassifierConfig(), [f"storage={tmp_path / 'runs'}", "name=stops", f"data.data={data}", "data.task=Male",
-                                               "data.batch_size=16", "data.loader_workers=0", "optim.steps_per_epoch=2"])
+    cfg = apply_overrides(
+        ClassifierConfig(),
+        [
+            f"storage={tmp_path / 'runs'}",
+            "name=stops",
+            f"data.data={data}",
+            "data.task=Male",
+            "data.batch_size=16",
+            "data.loader_workers=0",
+            "optim.steps_per_epoch=2",
+        ],
+    )
     with pytest.raises(CorruptShardError, match=f"shard {bad}: 2048 bytes"):
         train_loop_per_worker(to_dict(cfg))
-    assert not [n for n in os.listdir(tmp_path / "runs" / "stops") if n.startswith("checkpoint_")]  # epoch 0 never counted as done
+    assert not [
+        n for n in os.listdir(tmp_path / "runs" / "stops") if n.startswith("checkpoint_")
+    ]  # epoch 0 never counted as done
 
 
 # ----- kill -9 in the middle of a write ---------------------------------------------------------
@@ -193,21 +229,34 @@ def test_kill_9_during_a_checkpoint_upload_leaves_nothing_taken_for_a_checkpoint
     # Ray's own upload of the next checkpoint, through a store that stops answering once state.pt is under way
     proxy = _proxy(s3, cut_every=0, stall_request_after=500_000)
     env = dict(os.environ, AWS_ENDPOINT_URL=proxy.url)
-    proc = subprocess.Popen([sys.executable, "-c", UPLOAD, str(tmp_path / "killed"), f"{run}/checkpoint_000001"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", UPLOAD, str(tmp_path / "killed"), f"{run}/checkpoint_000001"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         # Killed once the small files are up and state.pt is stuck: a folder without checksums.json
         # or state.pt yet is no checkpoint folder at all (never listed, not even as incomplete).
         small = ("metrics.json", "checksums.json")
-        _kill_when(proc, lambda: proxy.stalls > 0 and all(storage.exists(f"{run}/checkpoint_000001/{n}") for n in small), "upload under way")
+        _kill_when(
+            proc,
+            lambda: proxy.stalls > 0 and all(storage.exists(f"{run}/checkpoint_000001/{n}") for n in small),
+            "upload under way",
+        )
     finally:
         proxy.stop()
     left = set(storage.list_names(f"{run}/checkpoint_000001"))
-    assert "metrics.json" in left and left < set(os.listdir(tmp_path / "killed"))  # S3 shows whole objects, never whole folders
+    assert "metrics.json" in left and left < set(
+        os.listdir(tmp_path / "killed")
+    )  # S3 shows whole objects, never whole folders
     [listed] = list_runs(run)
     assert [c.name for c in listed.checkpoints] == ["checkpoint_000000"]
     [(name, why)] = listed.incomplete
-    assert name == "checkpoint_000001" and ("missing: an interrupted upload" in why or "no readable checksums.json" in why)
+    assert name == "checkpoint_000001" and (
+        "missing: an interrupted upload" in why or "no readable checksums.json" in why
+    )
     assert best_checkpoint(run).endswith("checkpoint_000000")  # what evaluate and generate load
     with pytest.raises(InputError, match="checkpoint_000001: an incomplete checkpoint"):
         pull(run, str(tmp_path / "pulled"))
@@ -220,7 +269,9 @@ def test_kill_9_during_a_checkpoint_upload_leaves_nothing_taken_for_a_checkpoint
     with pytest.raises(InputError, match="do not match its checksums.json"):
         load_state(str(local / "checkpoint_000001"))
     # The rerun uploads it whole: from then on it is a checkpoint like any other.
-    subprocess.run([sys.executable, "-c", UPLOAD, str(tmp_path / "killed"), f"{run}/checkpoint_000001"], check=True, timeout=120)
+    subprocess.run(
+        [sys.executable, "-c", UPLOAD, str(tmp_path / "killed"), f"{run}/checkpoint_000001"], check=True, timeout=120
+    )
     assert [c.name for c in list_runs(run)[0].checkpoints] == ["checkpoint_000001", "checkpoint_000000"]
     assert load_state(f"{run}/checkpoint_000001")["epoch"] == 1
 
@@ -230,12 +281,20 @@ def test_kill_9_during_a_pull_leaves_no_whole_looking_folder_and_the_rerun_is_ex
     for e in range(2):
         _checkpoint(tmp_path / "src" / f"checkpoint_00000{e}", e, values=2_000_000)
         for name in os.listdir(tmp_path / "src" / f"checkpoint_00000{e}"):
-            storage.write_bytes_atomic(f"{run}/checkpoint_00000{e}/{name}", (tmp_path / "src" / f"checkpoint_00000{e}" / name).read_bytes())
+            storage.write_bytes_atomic(
+                f"{run}/checkpoint_00000{e}/{name}", (tmp_path / "src" / f"checkpoint_00000{e}" / name).read_bytes()
+            )
     dest = tmp_path / "dest"
     proxy = _proxy(s3, cut_every=0, stall_response_after=2_000_000)  # every download hangs 2 MB in
     env = dict(os.environ, AWS_ENDPOINT_URL=proxy.url)
-    proc = subprocess.Popen([sys.executable, "-m", "deeprecognition", "checkpoints", "pull", run, str(dest), "--workers", "2"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, cwd=REPO)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deeprecognition", "checkpoints", "pull", run, str(dest), "--workers", "2"],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        cwd=REPO,
+    )
     try:
         _kill_when(proc, lambda: proxy.stalls >= 2, "two downloads under way")
     finally:
@@ -245,7 +304,9 @@ def test_kill_9_during_a_pull_leaves_no_whole_looking_folder_and_the_rerun_is_ex
         list_runs(str(dest))
     report = pull(run, str(dest))
     assert report.fetched + report.kept == report.files == 8
-    assert _tree(dest / "run") == {f"{c}/{k}": v for c in os.listdir(tmp_path / "src") for k, v in _tree(tmp_path / "src" / c).items()}
+    assert _tree(dest / "run") == {
+        f"{c}/{k}": v for c in os.listdir(tmp_path / "src") for k, v in _tree(tmp_path / "src" / c).items()
+    }
     assert os.listdir(dest) == ["run"]
 
 
@@ -264,7 +325,9 @@ def _hostile_checkpoint(folder, marker) -> None:
     """A checkpoint folder that looks whole (its checksums match) but whose state.pt runs a command."""
     _checkpoint(folder, 0)
     buf = io.BytesIO()
-    torch.save({"model": _RunsCode(str(marker)), "epoch": 0, "config": {}}, buf, pickle_protocol=pickle.DEFAULT_PROTOCOL)
+    torch.save(
+        {"model": _RunsCode(str(marker)), "epoch": 0, "config": {}}, buf, pickle_protocol=pickle.DEFAULT_PROTOCOL
+    )
     (folder / "state.pt").write_bytes(buf.getvalue())
     sums = json.loads((folder / "checksums.json").read_text())
     sums["state.pt"] = {"bytes": len(buf.getvalue()), "sha256": hashlib.sha256(buf.getvalue()).hexdigest()}
@@ -276,14 +339,19 @@ def test_a_checkpoint_whose_state_would_run_code_is_refused_by_every_reader(pack
     run = tmp_path / "runs" / "hostile"
     _hostile_checkpoint(run / "checkpoint_000000", marker)
     for name in os.listdir(run / "checkpoint_000000"):
-        storage.write_bytes_atomic(f"s3://{BUCKET}/hostile/checkpoint_000000/{name}", (run / "checkpoint_000000" / name).read_bytes())
+        storage.write_bytes_atomic(
+            f"s3://{BUCKET}/hostile/checkpoint_000000/{name}", (run / "checkpoint_000000" / name).read_bytes()
+        )
     for where in (str(run / "checkpoint_000000"), f"s3://{BUCKET}/hostile/checkpoint_000000"):
         with pytest.raises(InputError, match="refused: not a plain-data checkpoint"):
             load_state(where)
     assert main(["evaluate", str(run), "--data", packed.dest]) == 2
     assert main(["generate", f"s3://{BUCKET}/hostile", "--out", str(tmp_path / "x.png")]) == 2
     assert capsys.readouterr().err.count("refused: not a plain-data checkpoint") == 2
-    cfg = apply_overrides(ClassifierConfig(), [f"storage={tmp_path / 'runs'}", "name=hostile", f"data.data={packed.dest}", "data.loader_workers=0"])
+    cfg = apply_overrides(
+        ClassifierConfig(),
+        [f"storage={tmp_path / 'runs'}", "name=hostile", f"data.data={packed.dest}", "data.loader_workers=0"],
+    )
     with pytest.raises(InputError, match="refused"):
         train_loop_per_worker(to_dict(cfg))
     assert not marker.exists()
@@ -311,7 +379,9 @@ def test_a_sweep_file_with_unexpected_types_is_refused_in_one_line(change, messa
 
 def test_a_sweep_file_that_would_build_python_objects_is_refused(packed, tmp_path, capsys):
     marker = tmp_path / "owned"
-    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(GOOD) + f"seed: !!python/object/apply:os.system ['touch {marker}']\n")
+    (tmp_path / "bad.yaml").write_text(
+        yaml.safe_dump(GOOD) + f"seed: !!python/object/apply:os.system ['touch {marker}']\n"
+    )
     assert main(["tune", str(tmp_path / "bad.yaml"), "--data", packed.dest, "--storage", str(tmp_path / "sweeps")]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml" in err and "python/object" in err and len(err.strip().splitlines()) == 1
@@ -347,16 +417,47 @@ def test_no_credential_in_the_runs_files_checkpoints_or_logs(packed, s3, tmp_pat
     env.update(AWS_ACCESS_KEY_ID=ACCESS_KEY, AWS_SECRET_ACCESS_KEY=SECRET_KEY, RAY_TMPDIR=ray_tmp)
     try:
         done = subprocess.run(
-            [sys.executable, "-m", "deeprecognition", "-v", "train", "classifier", "--data", packed.dest, "--task", "Male", "--epochs", "1",
-             "--steps-per-epoch", "2", "--num-workers", "1", "--storage", runs, "--name", "leak-check", "--set", "data.loader_workers=0"],
-            env=env, capture_output=True, timeout=400, cwd=REPO,
+            [
+                sys.executable,
+                "-m",
+                "deeprecognition",
+                "-v",
+                "train",
+                "classifier",
+                "--data",
+                packed.dest,
+                "--task",
+                "Male",
+                "--epochs",
+                "1",
+                "--steps-per-epoch",
+                "2",
+                "--num-workers",
+                "1",
+                "--storage",
+                runs,
+                "--name",
+                "leak-check",
+                "--set",
+                "data.loader_workers=0",
+            ],
+            env=env,
+            capture_output=True,
+            timeout=400,
+            cwd=REPO,
         )
         assert done.returncode == 0, done.stderr.decode()[-3000:]
-        leaks = [f"{runs}/leak-check/{rel}" for rel in storage.walk(f"{runs}/leak-check") if _holds_secret(storage.read_bytes(f"{runs}/leak-check/{rel}"))]
+        leaks = [
+            f"{runs}/leak-check/{rel}"
+            for rel in storage.walk(f"{runs}/leak-check")
+            if _holds_secret(storage.read_bytes(f"{runs}/leak-check/{rel}"))
+        ]
         leaks += [name for name, out in (("stdout", done.stdout), ("stderr", done.stderr)) if _holds_secret(out)]
         logs = [os.path.join(d, n) for d, _, names in os.walk(ray_tmp) for n in names]
         assert any(n.endswith(".log") or n.endswith(".out") for n in logs)
-        leaks += [p for p in logs if os.path.isfile(p) and not os.path.islink(p) and _holds_secret(open(p, "rb").read())]
+        leaks += [
+            p for p in logs if os.path.isfile(p) and not os.path.islink(p) and _holds_secret(open(p, "rb").read())
+        ]
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert storage.exists(f"{runs}/leak-check/training_options.json") and leaks == []

@@ -13,16 +13,16 @@ import torch
 from PIL import Image
 
 from deeprecognition import storage
-from deeprecognition.runs.checkpoint import load_state
+from deeprecognition.classifier.trained import TrainedClassifier
 from deeprecognition.cli import main
 from deeprecognition.config import apply_overrides, modern_dcgan, to_dict
 from deeprecognition.errors import InputError
+from deeprecognition.gan.data import judged_positive, reference_faces
+from deeprecognition.gan.loop import clip_gradients, train_loop_per_worker
 from deeprecognition.gan.metrics import INCEPTION_FILE, NOT_COMPARABLE, evaluate_gan, pick_extractor
 from deeprecognition.launch import run
-from deeprecognition.gan.loop import clip_gradients, train_loop_per_worker
-from deeprecognition.gan.data import judged_positive, reference_faces
+from deeprecognition.runs.checkpoint import load_state
 from deeprecognition.shards.loader import LoaderConfig, make_loader
-from deeprecognition.classifier.trained import TrainedClassifier
 
 from .conftest import BUCKET, COLLECTIVE_TIMEOUT_S
 from .test_classifier import _train_worker_pids, fit_killing_a_worker
@@ -30,9 +30,20 @@ from .test_classifier import _train_worker_pids, fit_killing_a_worker
 
 def gan_config(data: str, storage_uri: str, iterations: int, *overrides: str):
     """A small DCGAN (width 16, batch 8) on all faces: quick on CPU."""
-    base = [f"data.data={data}", f"storage={storage_uri}", "name=g", f"optim.iterations={iterations}", "data.batch_size=8", "data.where=",
-            "data.loader_workers=0", "model.width=16", "schedule.mosaic_every=3", "schedule.checkpoint_every=3", "schedule.log_every=1",
-            f"scale.collective_timeout_s={COLLECTIVE_TIMEOUT_S}"]
+    base = [
+        f"data.data={data}",
+        f"storage={storage_uri}",
+        "name=g",
+        f"optim.iterations={iterations}",
+        "data.batch_size=8",
+        "data.where=",
+        "data.loader_workers=0",
+        "model.width=16",
+        "schedule.mosaic_every=3",
+        "schedule.checkpoint_every=3",
+        "schedule.log_every=1",
+        f"scale.collective_timeout_s={COLLECTIVE_TIMEOUT_S}",
+    ]
     return apply_overrides(modern_dcgan(), base + list(overrides))
 
 
@@ -40,11 +51,24 @@ def gan_config(data: str, storage_uri: str, iterations: int, *overrides: str):
 def learnt(faces64, judge, tmp_path_factory) -> dict:
     """A DCGAN evaluated after 1 iteration, then continued to 150 with metrics every 75."""
     runs = tmp_path_factory.mktemp("learnt")
-    common = ["model.width=32", "data.batch_size=16", "schedule.mosaic_every=50", "schedule.log_every=25", "eval.samples=200", f"eval.classifier={judge}"]
+    common = [
+        "model.width=32",
+        "data.batch_size=16",
+        "schedule.mosaic_every=50",
+        "schedule.log_every=25",
+        "eval.samples=200",
+        f"eval.classifier={judge}",
+    ]
     train_loop_per_worker(to_dict(gan_config(faces64, str(runs), 1, *common)))
     first = evaluate_gan(str(runs / "g"), classifier=judge, samples=200)
-    train_loop_per_worker(to_dict(gan_config(faces64, str(runs), 150, *common, "schedule.eval_every=75", "schedule.checkpoint_every=75")))
-    return {"run": str(runs / "g"), "first": first, "last": evaluate_gan(str(runs / "g"), classifier=judge, samples=200, latest=True)}
+    train_loop_per_worker(
+        to_dict(gan_config(faces64, str(runs), 150, *common, "schedule.eval_every=75", "schedule.checkpoint_every=75"))
+    )
+    return {
+        "run": str(runs / "g"),
+        "first": first,
+        "last": evaluate_gan(str(runs / "g"), classifier=judge, samples=200, latest=True),
+    }
 
 
 def test_gan_run_writes_mosaics_checkpoints_and_continues_at_its_iteration(faces64, tmp_path, capsys):
@@ -55,7 +79,9 @@ def test_gan_run_writes_mosaics_checkpoints_and_continues_at_its_iteration(faces
     assert mosaic.size == (6 * 64, 6 * 64)  # the study's 6x6 grid of 64 px faces
     state = load_state(str(run_dir / "checkpoint_000006"))
     assert state["iteration"] == 6 and state["image_size"] == 64 and state["fixed_latents"].shape == (36, 128)
-    assert {"G", "D", "ema", "opt_g", "opt_d", "config"} <= set(state) and "rng" not in set(state)  # streams come from (seed, rank, step)
+    assert {"G", "D", "ema", "opt_g", "opt_d", "config"} <= set(state) and "rng" not in set(
+        state
+    )  # streams come from (seed, rank, step)
     capsys.readouterr()
     train_loop_per_worker(to_dict(gan_config(faces64, str(tmp_path), 9)))
     assert "resuming from iteration 6" in capsys.readouterr().out
@@ -102,7 +128,11 @@ def test_evaluate_gan_and_generate_from_the_command_line(learnt, judge, tmp_path
 
 
 def _train_split(data: str) -> list:
-    loader = make_loader(LoaderConfig(data=data, split="train", training=False, batch_size=64, num_workers=0, targets=("Attractive", "Male")))
+    loader = make_loader(
+        LoaderConfig(
+            data=data, split="train", training=False, batch_size=64, num_workers=0, targets=("Attractive", "Male")
+        )
+    )
     return list(loader)
 
 
@@ -110,7 +140,9 @@ def test_the_classifier_filter_keeps_exactly_the_faces_it_judges_positive(faces6
     classifier = TrainedClassifier.load(judge)
     batches = _train_split(faces64)
     # One face at a time: the truth the batched filter must reproduce.
-    scores = {k: classifier.probabilities(b.images[i : i + 1])[0, 2].item() for b in batches for i, k in enumerate(b.keys)}
+    scores = {
+        k: classifier.probabilities(b.images[i : i + 1])[0, 2].item() for b in batches for i, k in enumerate(b.keys)
+    }
     ordered = sorted(scores.values())
     threshold = (ordered[len(ordered) // 2] + ordered[len(ordered) // 2 + 1]) / 2  # between two faces: no ties
     kept = list(judged_positive(batches, classifier, "Attractive", threshold, batch_size=16))
@@ -125,7 +157,11 @@ def test_the_gan_learns_from_exactly_the_faces_its_filters_select(faces64, judge
     cfg = gan_config(faces64, "unused", 1, "data.where=Attractive=1,Male=0")
     chosen = reference_faces(cfg, 10**6, torch.device("cpu"))
     assert set(chosen.keys) == {k for k, (attractive, male) in labels.items() if attractive == 1 and male == 0}
-    judged = reference_faces(apply_overrides(cfg, [f"data.where_classifier={judge}", "data.classifier_attribute=Smiling"]), 10**6, torch.device("cpu"))
+    judged = reference_faces(
+        apply_overrides(cfg, [f"data.where_classifier={judge}", "data.classifier_attribute=Smiling"]),
+        10**6,
+        torch.device("cpu"),
+    )
     classifier = TrainedClassifier.load(judge)
     assert set(judged.keys) < set(chosen.keys)
     assert bool((classifier.probabilities(judged.images)[:, 1] >= 0.5).all())
@@ -137,7 +173,9 @@ def _random_inception_file(path: str) -> None:
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(fidelity, "load_state_dict_from_url", lambda *args, **kwargs: None)  # no download
-        patch.setattr(fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None)  # keep the random init
+        patch.setattr(
+            fidelity.FeatureExtractorInceptionV3, "load_state_dict", lambda self, state: None
+        )  # keep the random init
         torch.save(fidelity.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"]).state_dict(), path)
 
 
@@ -166,8 +204,18 @@ def test_inception_weights_come_from_a_file_or_the_hub_cache_and_hostile_files_a
 
 def test_two_worker_gan_on_ray_evaluates_keeps_ranks_identical_and_writes_to_s3(faces64, judge, s3, tmp_path):
     # Evaluation on: before, rank 0 alone computed FID and hung in torchmetrics' sync.
-    result = run(gan_config(faces64, f"s3://{BUCKET}/gan-runs", 6, "name=ddp", "scale.num_workers=2", "schedule.eval_every=3", "eval.samples=40",
-                            f"eval.classifier={judge}"))
+    result = run(
+        gan_config(
+            faces64,
+            f"s3://{BUCKET}/gan-runs",
+            6,
+            "name=ddp",
+            "scale.num_workers=2",
+            "schedule.eval_every=3",
+            "eval.samples=40",
+            f"eval.classifier={judge}",
+        )
+    )
     assert result.error is None
     assert result.metrics["iteration"] == 6 and result.metrics["ranks_in_sync"] is True and result.metrics["fid"] > 0
     run_uri = f"s3://{BUCKET}/gan-runs/ddp"
@@ -178,8 +226,16 @@ def test_two_worker_gan_on_ray_evaluates_keeps_ranks_identical_and_writes_to_s3(
 
 def test_a_killed_gan_worker_is_replaced_and_the_run_finishes_at_its_iteration(faces64, tmp_path):
     iterations = 40
-    cfg = gan_config(faces64, str(tmp_path), iterations, "name=killed", "scale.num_workers=2", "scale.max_failures=1",
-                     "schedule.checkpoint_every=5", "schedule.mosaic_every=10")
+    cfg = gan_config(
+        faces64,
+        str(tmp_path),
+        iterations,
+        "name=killed",
+        "scale.num_workers=2",
+        "scale.max_failures=1",
+        "schedule.checkpoint_every=5",
+        "schedule.mosaic_every=10",
+    )
     run_dir = tmp_path / "killed"
     result, victim = fit_killing_a_worker(cfg, run_dir)
     assert result.error is None
@@ -223,7 +279,18 @@ def test_bench_gan_measures_both_architectures(capsys):
 
 
 def test_zero_schedules_mean_at_the_last_iteration_only(faces64, tmp_path):
-    train_loop_per_worker(to_dict(gan_config(faces64, str(tmp_path), 4, "schedule.mosaic_every=0", "schedule.checkpoint_every=0", "schedule.log_every=0")))
+    train_loop_per_worker(
+        to_dict(
+            gan_config(
+                faces64,
+                str(tmp_path),
+                4,
+                "schedule.mosaic_every=0",
+                "schedule.checkpoint_every=0",
+                "schedule.log_every=0",
+            )
+        )
+    )
     run_dir = tmp_path / "g"
     assert sorted(os.listdir(run_dir / "mosaics")) == ["contact-sheet.png", "iter-000004.png"]
     assert sorted(n for n in os.listdir(run_dir) if n.startswith("checkpoint_")) == ["checkpoint_000004"]
@@ -235,9 +302,15 @@ def test_a_continued_gan_takes_the_configs_learning_rates_and_betas(faces64, tmp
     capsys.readouterr()
     train_loop_per_worker(to_dict(gan_config(faces64, str(tmp_path), 6, "optim.lr_g=0.0001", "optim.beta2=0.99")))
     out = capsys.readouterr().out
-    assert "G lr 0.0002 -> 0.0001" in out and "G betas (0, 0.9) -> (0, 0.99)" in out and "D betas (0, 0.9) -> (0, 0.99)" in out
+    assert (
+        "G lr 0.0002 -> 0.0001" in out
+        and "G betas (0, 0.9) -> (0, 0.99)" in out
+        and "D betas (0, 0.9) -> (0, 0.99)" in out
+    )
     state = load_state(str(tmp_path / "g" / "checkpoint_000006"))
-    assert [g["lr"] for g in state["opt_g"]["param_groups"]] == [0.0001] and [g["lr"] for g in state["opt_d"]["param_groups"]] == [0.0002]
+    assert [g["lr"] for g in state["opt_g"]["param_groups"]] == [0.0001] and [
+        g["lr"] for g in state["opt_d"]["param_groups"]
+    ] == [0.0002]
     assert tuple(state["opt_d"]["param_groups"][0]["betas"]) == (0.0, 0.99)
 
 

@@ -10,10 +10,10 @@ import shutil
 import pytest
 import torch
 
-from deeprecognition.config import ClassifierConfig, GanConfig, apply_overrides, to_dict
-from deeprecognition.launch import check_before_workers
 from deeprecognition.classifier.loop import train_loop_per_worker
+from deeprecognition.config import ClassifierConfig, GanConfig, apply_overrides, to_dict
 from deeprecognition.gan.data import real_batches, reference_faces
+from deeprecognition.launch import check_before_workers
 from deeprecognition.shards.device_decode import EncodedImages, decode_on, images_on, require_cuda
 from deeprecognition.shards.loader import LoaderConfig, ShardStream, make_loader
 from deeprecognition.shards.manifest import read_manifest, write_manifest
@@ -30,7 +30,15 @@ def epoch_batches(config: LoaderConfig, epoch: int) -> list:
 @pytest.mark.parametrize("split, training", [("train", True), ("val", False)])
 def test_encoded_batches_decoded_on_the_device_equal_the_cpu_paths(packed, split, training):
     # Two DataLoader workers: the encoded batches cross process boundaries as the real ones do.
-    config = LoaderConfig(data=packed.dest, split=split, training=training, batch_size=16, num_workers=2, seed=3, targets=("Male", "Smiling"))
+    config = LoaderConfig(
+        data=packed.dest,
+        split=split,
+        training=training,
+        batch_size=16,
+        num_workers=2,
+        seed=3,
+        targets=("Male", "Smiling"),
+    )
     decoded = epoch_batches(config, epoch=1)
     encoded = epoch_batches(dataclasses.replace(config, decode="gpu"), epoch=1)
     assert len(encoded) == len(decoded) > 1
@@ -40,7 +48,9 @@ def test_encoded_batches_decoded_on_the_device_equal_the_cpu_paths(packed, split
         images = images_on(enc.images, CPU)
         assert enc.keys == cpu.keys and torch.equal(enc.targets, cpu.targets)
         assert images.dtype == torch.uint8 and images.shape == cpu.images.shape == (len(cpu.keys), 3, 128, 128)
-        assert images.is_contiguous(memory_format=torch.channels_last)  # the layout the loops' channels_last models take
+        assert images.is_contiguous(
+            memory_format=torch.channels_last
+        )  # the layout the loops' channels_last models take
         assert torch.equal(images, cpu.images)
 
 
@@ -48,7 +58,9 @@ def test_gpu_decoding_refuses_datasets_that_are_not_jpeg(packed, tmp_path):
     dest = str(tmp_path / "png")
     shutil.copytree(packed.dest, dest)
     manifest = read_manifest(dest)
-    write_manifest(dest, dataclasses.replace(manifest, image=dataclasses.replace(manifest.image, encoding="png", quality=None)))
+    write_manifest(
+        dest, dataclasses.replace(manifest, image=dataclasses.replace(manifest.image, encoding="png", quality=None))
+    )
     message = "data.decode=gpu decodes JPEG datasets only .*stores png images: use data.decode=cpu"
     with pytest.raises(ValueError, match=message):  # in the worker: the loader
         ShardStream(LoaderConfig(data=dest, decode="gpu"), rank=0, world_size=1)
@@ -59,7 +71,10 @@ def test_gpu_decoding_refuses_datasets_that_are_not_jpeg(packed, tmp_path):
 
 @pytest.mark.parametrize("kind", [ClassifierConfig, GanConfig])
 def test_gpu_decoding_without_scale_gpu_is_refused_by_the_config(kind):
-    with pytest.raises(ValueError, match=r"^data.decode=gpu needs scale.gpu=true \(--gpu\) and a CUDA device; this run has scale.gpu=false"):
+    with pytest.raises(
+        ValueError,
+        match=r"^data.decode=gpu needs scale.gpu=true \(--gpu\) and a CUDA device; this run has scale.gpu=false",
+    ):
         apply_overrides(kind(), ["data.decode=gpu"]).validate()
     with pytest.raises(ValueError, match="data.decode must be one of cpu, gpu, got 'nvjpeg'"):
         apply_overrides(kind(), ["data.decode=nvjpeg"]).validate()
@@ -70,7 +85,13 @@ def test_gpu_decoding_on_a_worker_without_cuda_is_refused_by_both_loops(packed, 
     message = r"data.decode=gpu needs scale.gpu=true \(--gpu\) and a CUDA device; torch.cuda is not available here"
     with pytest.raises(ValueError, match=message):
         require_cuda("gpu", CPU)
-    overrides = [f"data.data={packed.dest}", f"storage={tmp_path}", "data.decode=gpu", "scale.gpu=true", "data.loader_workers=0"]
+    overrides = [
+        f"data.data={packed.dest}",
+        f"storage={tmp_path}",
+        "data.decode=gpu",
+        "scale.gpu=true",
+        "data.loader_workers=0",
+    ]
     with pytest.raises(ValueError, match=message):  # the classifier's loop, before it reads any data
         train_loop_per_worker(to_dict(apply_overrides(ClassifierConfig(), overrides)))
     with pytest.raises(ValueError, match=message):  # the GAN's real faces
@@ -92,7 +113,11 @@ def test_nvjpeg_decodes_a_batch_into_the_cpu_paths_layout_and_values(packed):
     [cpu, *_] = epoch_batches(config, epoch=0)
     [enc, *_] = epoch_batches(dataclasses.replace(config, decode="gpu"), epoch=0)
     images = decode_on(enc.images, device)
-    assert images.device.type == "cuda" and images.shape == cpu.images.shape and images.is_contiguous(memory_format=torch.channels_last)
+    assert (
+        images.device.type == "cuda"
+        and images.shape == cpu.images.shape
+        and images.is_contiguous(memory_format=torch.channels_last)
+    )
     # nvJPEG's IDCT is not libjpeg-turbo's: the same pixels within a level or two, not bit for bit.
     difference = (images.cpu().int() - cpu.images.int()).abs()
     assert difference.float().mean() < 1.0 and difference.max() <= 16

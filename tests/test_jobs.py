@@ -14,10 +14,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from deeprecognition.raycluster import worker_runtime_env
 from deeprecognition.runs.catalog import list_runs
 from deeprecognition.runs.checkpoint import load_state
 from deeprecognition.runs.pull import pull
-from deeprecognition.raycluster import worker_runtime_env
 
 from .conftest import BUCKET
 from .rayhead import REPO, RayHead
@@ -41,7 +41,9 @@ def submit_and_wait(head: RayHead, submission_id: str, args: list[str], s3: str)
     """Submit `python -m deeprecognition ARGS`, wait for the end, and return the job's record."""
     done = head.submit(["python", "-m", "deeprecognition", *args], submission_id, runtime_env=job_env(s3))
     info = head.job(submission_id)
-    assert done.returncode == 0 and info["status"] == "SUCCEEDED", f"{info['status']}: {info.get('message')}\n{done.stdout[-4000:]}\n{done.stderr[-2000:]}"
+    assert done.returncode == 0 and info["status"] == "SUCCEEDED", (
+        f"{info['status']}: {info.get('message')}\n{done.stdout[-4000:]}\n{done.stderr[-2000:]}"
+    )
     # The entrypoint's Ray registered with this head: a Ray started by the command would not.
     assert info["driver_info"] is not None, "the job's driver did not attach to the cluster it was submitted to"
     assert "succeeded" in head.jobs_cli("status", submission_id).stdout.lower()  # as a user watches it
@@ -61,10 +63,31 @@ def test_under_a_job_the_driver_leaves_the_jobs_own_env_vars_to_ray(monkeypatch)
 
 def test_a_training_job_submitted_with_ray_job_submit_checkpoints_to_s3(head, packed, s3, tmp_path):
     runs = f"s3://{BUCKET}/jobs"
-    submit_and_wait(head, "train-classifier", [
-        "train", "classifier", "--preset", "paper-cnn", "--data", packed.dest, "--epochs", "1", "--steps-per-epoch", "2",
-        "--num-workers", "1", "--storage", runs, "--name", "job-cnn", "--set", "data.loader_workers=0",
-    ], s3)
+    submit_and_wait(
+        head,
+        "train-classifier",
+        [
+            "train",
+            "classifier",
+            "--preset",
+            "paper-cnn",
+            "--data",
+            packed.dest,
+            "--epochs",
+            "1",
+            "--steps-per-epoch",
+            "2",
+            "--num-workers",
+            "1",
+            "--storage",
+            runs,
+            "--name",
+            "job-cnn",
+            "--set",
+            "data.loader_workers=0",
+        ],
+        s3,
+    )
     assert "run job-cnn finished" in head.jobs_cli("logs", "train-classifier").stdout
     [run] = list_runs(runs)
     assert run.name == "job-cnn" and len(run.checkpoints) == 1
@@ -77,9 +100,18 @@ def test_a_training_job_submitted_with_ray_job_submit_checkpoints_to_s3(head, pa
 def test_a_smoke_sweep_submitted_with_ray_job_submit_reports_its_trial(head, packed, s3, tmp_path):
     # One depth of the study's table: the sweep machinery end to end, at the price of one trial.
     sweep = tmp_path / "one_depth.yaml"
-    sweep.write_text(open(os.path.join(REPO, "tune_configs", "cnn_layers.yaml")).read().replace("{grid: [1, 2, 3, 4]}", "{grid: [2]}"))
+    sweep.write_text(
+        open(os.path.join(REPO, "tune_configs", "cnn_layers.yaml"))
+        .read()
+        .replace("{grid: [1, 2, 3, 4]}", "{grid: [2]}")
+    )
     storage_uri = f"s3://{BUCKET}/job-sweeps"
-    submit_and_wait(head, "tune-smoke", ["tune", str(sweep), "--data", packed.dest, "--storage", storage_uri, "--name", "depth2", "--smoke"], s3)
+    submit_and_wait(
+        head,
+        "tune-smoke",
+        ["tune", str(sweep), "--data", packed.dest, "--storage", storage_uri, "--name", "depth2", "--smoke"],
+        s3,
+    )
     logs = head.jobs_cli("logs", "tune-smoke").stdout
     assert "val/mean_accuracy" in logs
     [run] = list_runs(f"{storage_uri}/depth2")

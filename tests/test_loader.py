@@ -20,9 +20,9 @@ from deeprecognition.celeba.attributes import ATTRIBUTE_INDEX
 from deeprecognition.celeba.source import find_source, load_annotations
 from deeprecognition.errors import CorruptShardError, InputError
 from deeprecognition.shards.loader import LoaderConfig, ShardStream, make_loader, parse_where
+from deeprecognition.shards.pack import pack
 from deeprecognition.shards.sampling import SplitIndex, epoch_order, resampled_rows, slot_rows
 from deeprecognition.shards.verify import verify
-from deeprecognition.shards.pack import pack
 
 from .conftest import BUCKET, TEST_PACK
 from .faultproxy import FaultProxy
@@ -70,7 +70,9 @@ def test_a_training_epoch_sees_every_image_once_with_equal_steps_on_every_rank(p
     seen = Counter(k for keys in per_rank for k in keys)
     assert set(seen) == train  # every image of the split, none of another
     slots = ranks * max(workers, 1)
-    assert len({len(keys) for keys in per_rank}) == 1 and len(per_rank[0]) == max(workers, 1) * math.ceil(len(train) / slots)
+    assert len({len(keys) for keys in per_rank}) == 1 and len(per_rank[0]) == max(workers, 1) * math.ceil(
+        len(train) / slots
+    )
     assert sum(seen.values()) - len(train) < slots  # the few repeats that even out the slots
     assert epoch_keys(config, ranks, epoch=1) != per_rank  # a new permutation each epoch
 
@@ -86,7 +88,11 @@ def test_resampling_stays_an_option_with_the_same_epoch_length(packed, ann):
 
 def test_a_filtered_epoch_is_exactly_the_matching_images(packed, ann):
     where = parse_where("Male=0")
-    expected = {f[:-4] for f, at, p in zip(ann.image_files, ann.attrs, ann.partition) if p == 0 and at[ATTRIBUTE_INDEX["Male"]] == 0}
+    expected = {
+        f[:-4]
+        for f, at, p in zip(ann.image_files, ann.attrs, ann.partition)
+        if p == 0 and at[ATTRIBUTE_INDEX["Male"]] == 0
+    }
     per_rank = epoch_keys(LoaderConfig(data=packed.dest, split="train", batch_size=8, num_workers=2, where=where), 2)
     seen = Counter(k for keys in per_rank for k in keys)
     assert set(seen) == expected and sum(seen.values()) - len(expected) < 4
@@ -110,7 +116,9 @@ def test_evaluation_gives_every_slot_work_when_shards_are_fewer_than_slots(packe
 
 def test_training_order_depends_on_epoch_and_seed_only(packed):
     def order(epoch: int, seed: int) -> list[str]:
-        stream = ShardStream(LoaderConfig(data=packed.dest, batch_size=32, num_workers=0, seed=seed), rank=0, world_size=1)
+        stream = ShardStream(
+            LoaderConfig(data=packed.dest, batch_size=32, num_workers=0, seed=seed), rank=0, world_size=1
+        )
         stream.set_epoch(epoch)
         return [k for batch in stream for k in batch.keys]
 
@@ -145,7 +153,9 @@ def test_local_shard_changed_after_it_was_verified_is_caught(packed, tmp_path):
 
 
 def test_batches_hold_uint8_images_and_the_chosen_targets(packed, ann):
-    config = LoaderConfig(data=packed.dest, split="val", training=False, batch_size=8, num_workers=0, targets=("Male", "Smiling"))
+    config = LoaderConfig(
+        data=packed.dest, split="val", training=False, batch_size=8, num_workers=0, targets=("Male", "Smiling")
+    )
     rows = {f[:-4]: a for f, a in zip(ann.image_files, ann.attrs)}
     for batch in make_loader(config):
         assert batch.images.dtype == torch.uint8 and batch.images.shape[1:] == (3, 128, 128)
@@ -156,12 +166,22 @@ def test_batches_hold_uint8_images_and_the_chosen_targets(packed, ann):
 
 def test_where_filter_keeps_only_matching_faces(packed, ann):
     where = parse_where("Attractive=1, Male=0")
-    config = LoaderConfig(data=packed.dest, split="train", training=False, batch_size=16, num_workers=0, where=where, targets=("Attractive", "Male"))
+    config = LoaderConfig(
+        data=packed.dest,
+        split="train",
+        training=False,
+        batch_size=16,
+        num_workers=0,
+        where=where,
+        targets=("Attractive", "Male"),
+    )
     batches = list(make_loader(config))
     targets = torch.cat([b.targets for b in batches])
     assert (targets[:, 0] == 1).all() and (targets[:, 1] == 0).all()
     a, m = ATTRIBUTE_INDEX["Attractive"], ATTRIBUTE_INDEX["Male"]
-    expected = {f[:-4] for f, at, p in zip(ann.image_files, ann.attrs, ann.partition) if p == 0 and at[a] == 1 and at[m] == 0}
+    expected = {
+        f[:-4] for f, at, p in zip(ann.image_files, ann.attrs, ann.partition) if p == 0 and at[a] == 1 and at[m] == 0
+    }
     assert {k for b in batches for k in b.keys} == expected
 
 
@@ -249,9 +269,13 @@ def test_the_label_index_is_checked_and_a_dataset_without_it_still_loads(packed,
         json.dump(manifest, f)
     os.remove(os.path.join(dest, "labels.npy"))
     got = [(b.keys, b.targets) for b in make_loader(config)]
-    assert [k for k, _ in got] == [k for k, _ in expected] and all(torch.equal(a, b) for (_, a), (_, b) in zip(got, expected))
+    assert [k for k, _ in got] == [k for k, _ in expected] and all(
+        torch.equal(a, b) for (_, a), (_, b) in zip(got, expected)
+    )
     shards_before = {n: os.path.getmtime(os.path.join(dest, n)) for n in os.listdir(dest) if n.endswith(".tar")}
     assert pack(packed.manifest.source["root"], dest, TEST_PACK).up_to_date
     assert json.load(open(manifest_file))["labels"]["name"] == "labels.npy"
     assert {n: os.path.getmtime(os.path.join(dest, n)) for n in shards_before} == shards_before
-    np.testing.assert_array_equal(np.load(os.path.join(dest, "labels.npy")), np.load(os.path.join(packed.dest, "labels.npy")))
+    np.testing.assert_array_equal(
+        np.load(os.path.join(dest, "labels.npy")), np.load(os.path.join(packed.dest, "labels.npy"))
+    )

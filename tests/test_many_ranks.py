@@ -32,7 +32,15 @@ def _gan_rank(rank: int, world_size: int, config: dict) -> None:
 
 
 def test_two_ranks_evaluate_the_gan_together_and_agree_with_evaluate_gan(faces64, judge, tmp_path, capsys):
-    cfg = gan_config(faces64, str(tmp_path), 6, "schedule.eval_every=3", "schedule.checkpoint_every=3", "eval.samples=40", f"eval.classifier={judge}")
+    cfg = gan_config(
+        faces64,
+        str(tmp_path),
+        6,
+        "schedule.eval_every=3",
+        "schedule.checkpoint_every=3",
+        "eval.samples=40",
+        f"eval.classifier={judge}",
+    )
     results = run_ranks(_gan_rank, 2, args=(to_dict(cfg),), timeout_s=COLLECTIVE_TIMEOUT_S)
     records = [r.record for r in results]
     assert_same_collectives(records)
@@ -53,7 +61,9 @@ def test_two_ranks_evaluate_the_gan_together_and_agree_with_evaluate_gan(faces64
         assert after["real_samples"] == 40 and after["iteration"] == iteration
         assert after["fid"] == pytest.approx(during["fid"], rel=1e-4, abs=1e-4)
         assert after["kid"] == pytest.approx(during["kid"], rel=1e-4, abs=1e-6)
-        assert {f"rate/{k}": v for k, v in after["attribute_rate"].items()} == pytest.approx({k: v for k, v in during.items() if k.startswith("rate/")})
+        assert {f"rate/{k}": v for k, v in after["attribute_rate"].items()} == pytest.approx(
+            {k: v for k, v in during.items() if k.startswith("rate/")}
+        )
 
 
 def _classifier_rank(rank: int, world_size: int, config: dict) -> list[list[bool]]:
@@ -80,18 +90,39 @@ def _classifier_rank(rank: int, world_size: int, config: dict) -> list[list[bool
 @pytest.fixture(scope="module")
 def one_val_face(ray_cluster, tmp_path_factory) -> str:
     """Synthetic faces at 64 px whose val split is a single image: one rank gets none to evaluate."""
-    return repartitioned(str(tmp_path_factory.mktemp("one-val-src")), str(tmp_path_factory.mktemp("one-val")), 80,
-                         lambda i: 1 if i == 0 else 2 if i < 9 else 0)
+    return repartitioned(
+        str(tmp_path_factory.mktemp("one-val-src")),
+        str(tmp_path_factory.mktemp("one-val")),
+        80,
+        lambda i: 1 if i == 0 else 2 if i < 9 else 0,
+    )
 
 
 def test_a_rank_without_validation_samples_and_each_ranks_own_dropout_masks(one_val_face, tmp_path):
     """ResNet50 (BatchNorm buffers, dropout in its head) on two ranks: rank 1 gets no val image.
     Evaluating through DDP's wrapper would broadcast buffers from rank 0 alone (a real collective,
     which gloo hangs on too); identically seeded ranks would drop the same units."""
-    overrides = [f"data.data={one_val_face}", f"storage={tmp_path}", "name=r50", "data.task=Male,Smiling", "data.batch_size=8", "data.loader_workers=0",
-                 "model.name=resnet50", "model.weights=none", "model.freeze=none", "model.head_width=16", "optim.epochs=1", "optim.steps_per_epoch=2",
-                 f"scale.collective_timeout_s={COLLECTIVE_TIMEOUT_S}"]
-    results = run_ranks(_classifier_rank, 2, args=(to_dict(apply_overrides(ClassifierConfig(), overrides)),), timeout_s=COLLECTIVE_TIMEOUT_S)
+    overrides = [
+        f"data.data={one_val_face}",
+        f"storage={tmp_path}",
+        "name=r50",
+        "data.task=Male,Smiling",
+        "data.batch_size=8",
+        "data.loader_workers=0",
+        "model.name=resnet50",
+        "model.weights=none",
+        "model.freeze=none",
+        "model.head_width=16",
+        "optim.epochs=1",
+        "optim.steps_per_epoch=2",
+        f"scale.collective_timeout_s={COLLECTIVE_TIMEOUT_S}",
+    ]
+    results = run_ranks(
+        _classifier_rank,
+        2,
+        args=(to_dict(apply_overrides(ClassifierConfig(), overrides)),),
+        timeout_s=COLLECTIVE_TIMEOUT_S,
+    )
     assert_same_collectives([r.record for r in results])
     masks = [r.value for r in results]
     assert all(len(m) == 2 for m in masks)

@@ -11,7 +11,6 @@ import torch
 import torchvision
 from torch import nn
 
-from deeprecognition.errors import InputError
 from deeprecognition.classifier.cnn import PaperCNN
 from deeprecognition.classifier.transfer import (
     FREEZE_POLICIES,
@@ -19,6 +18,7 @@ from deeprecognition.classifier.transfer import (
     imagenet_weight_paths,
     load_backbone_weights,
 )
+from deeprecognition.errors import InputError
 
 
 @pytest.mark.parametrize("layers", [1, 2, 3, 4])
@@ -192,7 +192,10 @@ def test_a_pickled_payload_is_refused_and_never_runs(tmp_path):
 def test_another_architecture_is_named_with_its_key_differences(tmp_path):
     path = str(tmp_path / "resnet18.pth")
     torch.save(torchvision.models.resnet18().state_dict(), path)
-    with pytest.raises(InputError, match=r"not a torchvision resnet50 state dict: \d+ missing keys \(layer1\.0\.bn3\.bias, .*wrong shape"):
+    with pytest.raises(
+        InputError,
+        match=r"not a torchvision resnet50 state dict: \d+ missing keys \(layer1\.0\.bn3\.bias, .*wrong shape",
+    ):
         load_backbone_weights(path)
     torch.save(torch.zeros(3), path)
     with pytest.raises(InputError, match="expected a resnet50 state dict .* got a Tensor"):

@@ -21,12 +21,12 @@ import torch
 
 from deeprecognition import storage
 from deeprecognition.celeba.synthetic import write_synthetic
-from deeprecognition.runs.checkpoint import load_state
-from deeprecognition.config import ClassifierConfig, GanConfig, apply_overrides, modern_dcgan, to_dict
 from deeprecognition.classifier import loop as classifier_loop
+from deeprecognition.config import ClassifierConfig, GanConfig, apply_overrides, modern_dcgan, to_dict
 from deeprecognition.gan import loop as gan_loop
-from deeprecognition.runs.session import Session
+from deeprecognition.runs.checkpoint import load_state
 from deeprecognition.runs.report import read_history
+from deeprecognition.runs.session import Session
 from deeprecognition.shards.encode import ImageFormat
 from deeprecognition.shards.pack import PackOptions, pack
 
@@ -41,30 +41,66 @@ def faces(ray_cluster, tmp_path_factory) -> str:
     """400 synthetic faces at 64 px, 50 per shard: small enough for one-CPU nodes."""
     src = str(tmp_path_factory.mktemp("mn-src"))
     write_synthetic(src, n=400, seed=3)
-    return pack(src, str(tmp_path_factory.mktemp("mn-data")), PackOptions(image=ImageFormat(size=64), samples_per_shard=50)).dest
+    return pack(
+        src, str(tmp_path_factory.mktemp("mn-data")), PackOptions(image=ImageFormat(size=64), samples_per_shard=50)
+    ).dest
 
 
 def classifier(data: str, storage_uri: str, name: str, *overrides: str) -> ClassifierConfig:
-    base = [f"data.data={data}", f"storage={storage_uri}", f"name={name}", "data.task=Male,Smiling", "data.batch_size=16",
-            "data.loader_workers=0", "model.layers=2", "scale.num_workers=2", "scale.max_failures=1", f"scale.collective_timeout_s={COLLECTIVE_TIMEOUT_S}"]
+    base = [
+        f"data.data={data}",
+        f"storage={storage_uri}",
+        f"name={name}",
+        "data.task=Male,Smiling",
+        "data.batch_size=16",
+        "data.loader_workers=0",
+        "model.layers=2",
+        "scale.num_workers=2",
+        "scale.max_failures=1",
+        f"scale.collective_timeout_s={COLLECTIVE_TIMEOUT_S}",
+    ]
     return apply_overrides(ClassifierConfig(), base + list(overrides))
 
 
 def gan(data: str, storage_uri: str, name: str, *overrides: str) -> GanConfig:
-    base = [f"data.data={data}", f"storage={storage_uri}", f"name={name}", "data.batch_size=8", "data.where=", "data.loader_workers=0",
-            "model.width=16", "schedule.mosaic_every=1000", "schedule.log_every=1", "scale.num_workers=2", "scale.max_failures=1",
-            f"scale.collective_timeout_s={COLLECTIVE_TIMEOUT_S}"]
+    base = [
+        f"data.data={data}",
+        f"storage={storage_uri}",
+        f"name={name}",
+        "data.batch_size=8",
+        "data.where=",
+        "data.loader_workers=0",
+        "model.width=16",
+        "schedule.mosaic_every=1000",
+        "schedule.log_every=1",
+        "scale.num_workers=2",
+        "scale.max_failures=1",
+        f"scale.collective_timeout_s={COLLECTIVE_TIMEOUT_S}",
+    ]
     return apply_overrides(modern_dcgan(), base + list(overrides))
 
 
-def on_cluster(tmp_path, cfg: ClassifierConfig | GanConfig, scenario: str, timeout_s: float = 420, **settings) -> tuple[dict, str]:
+def on_cluster(
+    tmp_path, cfg: ClassifierConfig | GanConfig, scenario: str, timeout_s: float = 420, **settings
+) -> tuple[dict, str]:
     """Run tests/multinode.py on `cfg`; its outcome and everything the cluster printed."""
-    spec = {"kind": "gan" if isinstance(cfg, GanConfig) else "classifier", "scenario": scenario, "config": to_dict(cfg),
-            "out": str(tmp_path / "outcome.json"), **settings}
+    spec = {
+        "kind": "gan" if isinstance(cfg, GanConfig) else "classifier",
+        "scenario": scenario,
+        "config": to_dict(cfg),
+        "out": str(tmp_path / "outcome.json"),
+        **settings,
+    }
     (tmp_path / "spec.json").write_text(json.dumps(spec))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with open(tmp_path / "cluster.log", "w") as log:
-        proc = subprocess.Popen([sys.executable, SCRIPT, str(tmp_path / "spec.json")], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [sys.executable, SCRIPT, str(tmp_path / "spec.json")],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
         try:
             proc.wait(timeout=timeout_s)
         finally:
@@ -82,7 +118,9 @@ def on_cluster(tmp_path, cfg: ClassifierConfig | GanConfig, scenario: str, timeo
 def test_a_classifier_losing_a_node_shrinks_to_the_other_and_ends_with_exact_counters(faces, s3, tmp_path):
     epochs, steps = 4, 4
     runs = f"s3://{BUCKET}/multinode"
-    cfg = classifier(faces, runs, "lost-node", f"optim.epochs={epochs}", f"optim.steps_per_epoch={steps}", "scale.elastic_min=1")
+    cfg = classifier(
+        faces, runs, "lost-node", f"optim.epochs={epochs}", f"optim.steps_per_epoch={steps}", "scale.elastic_min=1"
+    )
     outcome, log = on_cluster(tmp_path, cfg, "lose-node")
     assert outcome["error"] is None, log[-5000:]
     assert (outcome["metrics"]["epoch"], outcome["metrics"]["step"]) == (epochs - 1, epochs * steps)
@@ -117,7 +155,14 @@ def _latest_checkpoint(run: str) -> str:
 def test_a_drained_node_gets_a_checkpoint_at_once_and_the_run_resumes_from_it(faces, s3, tmp_path):
     epochs, steps = 4, 5
     runs = f"s3://{BUCKET}/multinode"
-    cfg = classifier(faces, runs, "drained", f"optim.epochs={epochs}", f"optim.steps_per_epoch={steps}", "scale.preemption_check_every=1")
+    cfg = classifier(
+        faces,
+        runs,
+        "drained",
+        f"optim.epochs={epochs}",
+        f"optim.steps_per_epoch={steps}",
+        "scale.preemption_check_every=1",
+    )
     outcome, log = on_cluster(tmp_path, cfg, "drain-node", drain_after_s=1, deadline_s=30, replace_after_s=3)
     assert outcome["error"] is None, log[-5000:]
     assert (outcome["metrics"]["epoch"], outcome["metrics"]["step"]) == (epochs - 1, epochs * steps)
@@ -149,14 +194,27 @@ def _preempt_then_reclaim(monkeypatch, notice_at: int, reclaimed_at: int) -> Non
     monkeypatch.setattr(Session, "preemption_pending", pending)
 
 
-def test_a_mid_epoch_preemption_checkpoint_resumes_to_the_weights_of_an_uninterrupted_run(faces, tmp_path, monkeypatch, capsys):
+def test_a_mid_epoch_preemption_checkpoint_resumes_to_the_weights_of_an_uninterrupted_run(
+    faces, tmp_path, monkeypatch, capsys
+):
     def cfg(name: str) -> dict:
-        return to_dict(classifier(faces, str(tmp_path), name, "optim.epochs=2", "optim.steps_per_epoch=6", "scale.num_workers=1",
-                                  "scale.preemption_check_every=1"))
+        return to_dict(
+            classifier(
+                faces,
+                str(tmp_path),
+                name,
+                "optim.epochs=2",
+                "optim.steps_per_epoch=6",
+                "scale.num_workers=1",
+                "scale.preemption_check_every=1",
+            )
+        )
 
     classifier_loop.train_loop_per_worker(cfg("whole"))
     with monkeypatch.context() as patch:
-        _preempt_then_reclaim(patch, notice_at=8, reclaimed_at=11)  # epoch 1: a notice after its 2nd step, gone after its 5th
+        _preempt_then_reclaim(
+            patch, notice_at=8, reclaimed_at=11
+        )  # epoch 1: a notice after its 2nd step, gone after its 5th
         with pytest.raises(_Reclaimed):
             classifier_loop.train_loop_per_worker(cfg("preempted"))
     notice = load_state(str(tmp_path / "preempted" / "checkpoint_000001"))
@@ -167,19 +225,39 @@ def test_a_mid_epoch_preemption_checkpoint_resumes_to_the_weights_of_an_uninterr
     assert resumed["step"] == whole["step"] == 12 and "epoch_progress" not in resumed
     assert all(torch.equal(resumed["model"][k], whole["model"][k]) for k in whole["model"])  # bit for bit
     # Each epoch logged once, with the same train and validation figures (throughput aside)
-    same = [{k: v for k, v in m.items() if k != "train/images_per_s"} for m in read_history(str(tmp_path / "preempted"))]
-    assert same == [{k: v for k, v in m.items() if k != "train/images_per_s"} for m in read_history(str(tmp_path / "whole"))]
+    same = [
+        {k: v for k, v in m.items() if k != "train/images_per_s"} for m in read_history(str(tmp_path / "preempted"))
+    ]
+    assert same == [
+        {k: v for k, v in m.items() if k != "train/images_per_s"} for m in read_history(str(tmp_path / "whole"))
+    ]
 
 
 def test_a_gan_preemption_checkpoint_is_written_at_the_notice_and_resumed_from(faces, tmp_path, monkeypatch, capsys):
-    cfg = to_dict(gan(faces, str(tmp_path), "g", "optim.iterations=9", "schedule.checkpoint_every=100", "scale.num_workers=1",
-                      "scale.preemption_check_every=1"))
+    cfg = to_dict(
+        gan(
+            faces,
+            str(tmp_path),
+            "g",
+            "optim.iterations=9",
+            "schedule.checkpoint_every=100",
+            "scale.num_workers=1",
+            "scale.preemption_check_every=1",
+        )
+    )
     with monkeypatch.context() as patch:
         _preempt_then_reclaim(patch, notice_at=5, reclaimed_at=7)
         with pytest.raises(_Reclaimed):
             gan_loop.train_loop_per_worker(cfg)
-    assert sorted(os.listdir(tmp_path / "g")) == ["checkpoint_000005", "metrics.jsonl", "tensorboard", "training_options.json"]
-    assert json.loads((tmp_path / "g" / "checkpoint_000005" / "metrics.json").read_text())["preemption_checkpoint"] is True
+    assert sorted(os.listdir(tmp_path / "g")) == [
+        "checkpoint_000005",
+        "metrics.jsonl",
+        "tensorboard",
+        "training_options.json",
+    ]
+    assert (
+        json.loads((tmp_path / "g" / "checkpoint_000005" / "metrics.json").read_text())["preemption_checkpoint"] is True
+    )
     gan_loop.train_loop_per_worker(cfg)
     assert "resuming from iteration 5" in capsys.readouterr().out
     assert [m["iteration"] for m in read_history(str(tmp_path / "g"))] == list(range(1, 10))

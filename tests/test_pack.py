@@ -77,7 +77,10 @@ def test_round_trip_matches_source_labels_and_pixels(packed, synth_root):
     manifest = packed.manifest
     for code, split in enumerate(("train", "val", "test")):
         assert manifest.splits[split].samples == int((ann.partition == code).sum())
-        assert np.sum([s.attribute_counts for s in manifest.splits[split].shards], axis=0).tolist() == ann.attrs[ann.partition == code].sum(axis=0).tolist()
+        assert (
+            np.sum([s.attribute_counts for s in manifest.splits[split].shards], axis=0).tolist()
+            == ann.attrs[ann.partition == code].sum(axis=0).tolist()
+        )
         assert all(s.samples <= TEST_PACK.samples_per_shard for s in manifest.splits[split].shards)
 
 
@@ -97,7 +100,12 @@ def test_random_split_is_seeded_60_20_20_and_keeps_identities_apart(ray_cluster,
     counts = [a.manifest.splits[s].samples for s in ("train", "val", "test")]
     # The synthetic copy has up to 20 images per identity: each cut lands within 10 of its target.
     assert sum(counts) == SYNTH_N and all(abs(n - f * SYNTH_N) <= 20 for n, f in zip(counts, (0.6, 0.2, 0.2)))
-    assert a.manifest.split_policy == {"name": "random", "seed": 3, "fractions": [0.6, 0.2, 0.2], "identity_disjoint": True}
+    assert a.manifest.split_policy == {
+        "name": "random",
+        "seed": 3,
+        "fractions": [0.6, 0.2, 0.2],
+        "identity_disjoint": True,
+    }
     splits_of: dict[int, set[str]] = {}
     for split, _, _, meta in read_dataset(a.dest).values():
         splits_of.setdefault(meta["identity"], set()).add(split)
@@ -110,7 +118,12 @@ def test_random_split_puts_each_identity_in_one_split_close_to_60_20_20():
     rng = np.random.default_rng(0)
     identity = np.repeat(np.arange(1, 301, dtype=np.int32), rng.integers(1, 40, size=300))  # 1 to 39 images each
     rng.shuffle(identity)
-    ann = Annotations([f"{i:06d}.jpg" for i in range(1, len(identity) + 1)], np.zeros((len(identity), 40), np.uint8), np.zeros(len(identity), np.uint8), identity)
+    ann = Annotations(
+        [f"{i:06d}.jpg" for i in range(1, len(identity) + 1)],
+        np.zeros((len(identity), 40), np.uint8),
+        np.zeros(len(identity), np.uint8),
+        identity,
+    )
     keep = np.flatnonzero(rng.random(len(identity)) < 0.9)  # as with --allow-missing
     codes = split_codes(ann, keep, "random", seed=5)
     for person in np.unique(identity[keep]):
@@ -135,7 +148,11 @@ def test_random_split_without_an_identity_file_warns_and_the_manifest_says_so(tm
         plan = _plan(str(tmp_path), PackOptions(split="random", seed=1, samples_per_shard=10))
     assert "has no identity file" in caplog.text and "may be in train and in test" in caplog.text
     assert plan.split_policy == {"name": "random", "seed": 1, "fractions": [0.6, 0.2, 0.2], "identity_disjoint": False}
-    assert [sum(len(s.files) for s in plan.shards if s.split == split) for split in ("train", "val", "test")] == [30, 10, 10]
+    assert [sum(len(s.files) for s in plan.shards if s.split == split) for split in ("train", "val", "test")] == [
+        30,
+        10,
+        10,
+    ]
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="deeprecognition.shards.plan"):
         _plan(str(tmp_path), PackOptions(samples_per_shard=10))
@@ -148,7 +165,9 @@ def test_plan_id_of_a_random_split_covers_its_policy_and_official_ids_are_unchan
     settings = lambda o: {k: v for k, v in dataclasses.asdict(o).items() if k != "num_workers"}  # noqa: E731
     for options in (PackOptions(split="random", seed=3, samples_per_shard=100), TEST_PACK):
         plan = _plan(synth_root, options)
-        per_image_rule_id = hashlib.sha256(json.dumps([settings(options), plan.source_fingerprint], sort_keys=True).encode()).hexdigest()[:16]
+        per_image_rule_id = hashlib.sha256(
+            json.dumps([settings(options), plan.source_fingerprint], sort_keys=True).encode()
+        ).hexdigest()[:16]
         assert (plan.plan_id == per_image_rule_id) == (options.split == "official")
 
 
@@ -181,7 +200,9 @@ def zipped_on_s3(s3, synth_root, tmp_path_factory) -> tuple[str, int]:
 
 def _pack_through(proxy: FaultProxy, src: str, dest: str, monkeypatch) -> PackReport:
     try:
-        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.url)  # the pack's Ray tasks get it too (raycluster.worker_runtime_env)
+        monkeypatch.setenv(
+            "AWS_ENDPOINT_URL", proxy.url
+        )  # the pack's Ray tasks get it too (raycluster.worker_runtime_env)
         return pack(src, dest, TEST_PACK)
     finally:
         proxy.stop()
@@ -191,7 +212,9 @@ def _shard_shas(manifest) -> dict[str, str]:
     return {s.name: s.sha256 for sp in manifest.splits.values() for s in sp.shards}
 
 
-def test_zip_on_s3_is_fetched_about_once_and_packs_what_the_folder_packs(packed, zipped_on_s3, s3, tmp_path, monkeypatch):
+def test_zip_on_s3_is_fetched_about_once_and_packs_what_the_folder_packs(
+    packed, zipped_on_s3, s3, tmp_path, monkeypatch
+):
     src, zip_bytes = zipped_on_s3
     proxy = FaultProxy.before(s3, cut_every=0)  # forwards everything, counting what the server sends
     report = _pack_through(proxy, src, str(tmp_path / "from-zip"), monkeypatch)
@@ -218,7 +241,19 @@ def test_rerun_is_up_to_date_and_other_options_are_refused(packed, synth_root):
 
 
 def _pack_command(src: str, dest: str) -> list[str]:
-    return [sys.executable, "-m", "deeprecognition", "pack", src, dest, "--samples-per-shard", "5", "--num-workers", "1", "--quiet"]
+    return [
+        sys.executable,
+        "-m",
+        "deeprecognition",
+        "pack",
+        src,
+        dest,
+        "--samples-per-shard",
+        "5",
+        "--num-workers",
+        "1",
+        "--quiet",
+    ]
 
 
 def test_kill_9_during_pack_then_rerun_gives_the_same_dataset(ray_cluster, packed, synth_root, tmp_path):
@@ -241,7 +276,9 @@ def test_kill_9_during_pack_then_rerun_gives_the_same_dataset(ray_cluster, packe
     assert resumed.manifest.splits == clean.manifest.splits
     assert sum(sp.samples for sp in resumed.manifest.splits.values()) == SYNTH_N
     assert resumed.manifest.labels == clean.manifest.labels
-    assert sorted(storage.list_names(dest)) == sorted(["manifest.json", "labels.npy", *(s.name for sp in clean.manifest.splits.values() for s in sp.shards)])
+    assert sorted(storage.list_names(dest)) == sorted(
+        ["manifest.json", "labels.npy", *(s.name for sp in clean.manifest.splits.values() for s in sp.shards)]
+    )
 
 
 def _copy_source(synth_root: str, dest) -> str:
@@ -253,7 +290,9 @@ def test_missing_images_are_refused_or_counted(ray_cluster, synth_root, tmp_path
     root = _copy_source(synth_root, tmp_path / "src")
     for name in ("000003.jpg", "000010.jpg", "000200.jpg"):
         os.remove(os.path.join(root, "img_align_celeba", name))
-    with pytest.raises(InputError, match=r"img_align_celeba: 3 of 240 images listed .* absent \(first: 000003.jpg.*--allow-missing"):
+    with pytest.raises(
+        InputError, match=r"img_align_celeba: 3 of 240 images listed .* absent \(first: 000003.jpg.*--allow-missing"
+    ):
         pack(root, str(tmp_path / "refused"), TEST_PACK)
     assert not os.path.exists(tmp_path / "refused" / "manifest.json")
     report = pack(root, str(tmp_path / "allowed"), PackOptions(samples_per_shard=25, allow_missing=True))

@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 
 from deeprecognition.config import ClassifierConfig, GanConfig, apply_overrides
-from deeprecognition.runs.placement import CapacityTimeout, Placement, choose_strategy, plan, scaling_config, wait_for_capacity, worker_resources
+from deeprecognition.runs.placement import (
+    CapacityTimeout,
+    Placement,
+    choose_strategy,
+    plan,
+    scaling_config,
+    wait_for_capacity,
+    worker_resources,
+)
 
 # Node shapes of cluster/aws.yaml's GPU types (what the autoscaler can start)
 L40S = {"CPU": 8, "GPU": 1, "accelerator_type:L40S": 1}
@@ -18,8 +26,14 @@ def gpu_run(*overrides: str, kind: type = ClassifierConfig) -> ClassifierConfig 
 
 def test_a_gpu_worker_holds_a_gpu_and_a_cpu_per_loader_process_on_the_gpu_type_asked_for():
     assert worker_resources(gpu_run("data.loader_workers=6")) == {"GPU": 1, "CPU": 7}
-    assert worker_resources(gpu_run("data.loader_workers=2", "scale.gpu_type=A100", kind=GanConfig)) == {"GPU": 1, "CPU": 3, "accelerator_type:A100": 0.001}
-    assert worker_resources(apply_overrides(ClassifierConfig(), ["data.loader_workers=6"])) == {"CPU": 1}  # a laptop's ranks
+    assert worker_resources(gpu_run("data.loader_workers=2", "scale.gpu_type=A100", kind=GanConfig)) == {
+        "GPU": 1,
+        "CPU": 3,
+        "accelerator_type:A100": 0.001,
+    }
+    assert worker_resources(apply_overrides(ClassifierConfig(), ["data.loader_workers=6"])) == {
+        "CPU": 1
+    }  # a laptop's ranks
 
 
 def test_a_run_that_fits_on_one_node_is_packed_onto_it_and_spread_only_when_asked():
@@ -38,7 +52,9 @@ def test_the_scaling_config_carries_the_placement():
     scaling = scaling_config(cfg, placement)
     assert placement.workers == 4 and scaling.num_workers == (4, 8) and scaling.placement_strategy == "STRICT_PACK"
     assert scaling.accelerator_type == "A100" and scaling.resources_per_worker == {"GPU": 1, "CPU": 6}
-    assert scaling._resources_per_worker_not_none == placement.per_worker  # what Ray reserves is what the driver waited for
+    assert (
+        scaling._resources_per_worker_not_none == placement.per_worker
+    )  # what Ray reserves is what the driver waited for
 
 
 def test_a_gpu_type_without_gpus_is_refused_by_field():
@@ -51,7 +67,10 @@ def test_the_driver_waits_for_room_says_so_every_interval_and_gives_up_after_the
 
     lines: list[str] = []
     too_big = Placement(workers=2, max_workers=2, per_worker={"CPU": 1000.0}, strategy="PACK")
-    with pytest.raises(CapacityTimeout, match=r"no room for 2 workers of \{CPU: 1000\} \(PACK\) after 3 s \(the cluster has [\d.]+/4 CPU free\)"):
+    with pytest.raises(
+        CapacityTimeout,
+        match=r"no room for 2 workers of \{CPU: 1000\} \(PACK\) after 3 s \(the cluster has [\d.]+/4 CPU free\)",
+    ):
         wait_for_capacity(too_big, timeout_s=3, every_s=1, say=lines.append)
     assert lines[0].startswith("waiting for 2 workers of {CPU: 1000} (PACK): the cluster has")
     assert any(line.startswith("still waiting (") for line in lines)

@@ -14,17 +14,25 @@ from typing import Any
 import pytest
 import torch
 
-from deeprecognition.runs.catalog import CheckpointInfo, best, best_checkpoint, list_runs, rank, ray_checkpoint_config, with_ray_score
-from deeprecognition.runs.checkpoint import write_checkpoint
+from deeprecognition.classifier.loop import build_model
+from deeprecognition.classifier.trained import TrainedClassifier
 from deeprecognition.cli import main
 from deeprecognition.config import ClassifierConfig, GanConfig, apply_overrides, to_dict
 from deeprecognition.gan.generate import TrainedGan
-from deeprecognition.launch import build_trainer
-from deeprecognition.classifier.loop import build_model
-from deeprecognition.runs.session import Session
 from deeprecognition.gan.models import build_gan
+from deeprecognition.launch import build_trainer
+from deeprecognition.runs.catalog import (
+    CheckpointInfo,
+    best,
+    best_checkpoint,
+    list_runs,
+    rank,
+    ray_checkpoint_config,
+    with_ray_score,
+)
+from deeprecognition.runs.checkpoint import write_checkpoint
 from deeprecognition.runs.placement import plan
-from deeprecognition.classifier.trained import TrainedClassifier
+from deeprecognition.runs.session import Session
 
 SIDE = 32  # image side of the tiny models below
 
@@ -33,14 +41,28 @@ def _gan_state(metrics: dict[str, Any]) -> dict[str, Any]:
     cfg = apply_overrides(GanConfig(), ["model.arch=dcgan", "model.latent=8", "model.width=4"])
     generator, _ = build_gan("dcgan", 8, SIDE, 4)
     weights = generator.state_dict()
-    return {"G": weights, "ema": weights, "iteration": metrics["iteration"], "step": metrics["step"], "image_size": SIDE,
-            "fixed_latents": torch.zeros(4, 8), "config": to_dict(cfg)}
+    return {
+        "G": weights,
+        "ema": weights,
+        "iteration": metrics["iteration"],
+        "step": metrics["step"],
+        "image_size": SIDE,
+        "fixed_latents": torch.zeros(4, 8),
+        "config": to_dict(cfg),
+    }
 
 
 def _classifier_state(metrics: dict[str, Any]) -> dict[str, Any]:
     cfg = apply_overrides(ClassifierConfig(), ["model.layers=1", "data.task=Male"])
     model = build_model(cfg, 1, SIDE)
-    return {"model": model.state_dict(), "epoch": metrics["epoch"], "step": metrics["step"], "image_size": SIDE, "attributes": ["Male"], "config": to_dict(cfg)}
+    return {
+        "model": model.state_dict(),
+        "epoch": metrics["epoch"],
+        "step": metrics["step"],
+        "image_size": SIDE,
+        "attributes": ["Male"],
+        "config": to_dict(cfg),
+    }
 
 
 def _gan_metrics(iteration: int, fid: float | None) -> dict[str, Any]:
@@ -59,8 +81,20 @@ CLASSIFIER_REPORTS = (
 )
 # kind -> (each report's metrics, its checkpoint's state, the best, the latest, the loader)
 RUNS: dict[str, tuple[list[dict], Callable[[dict], dict], str, str, Callable[[str], Any]]] = {
-    "gan": ([_gan_metrics(i, fid) for i, fid in GAN_FIDS], _gan_state, "checkpoint_000200", "checkpoint_000400", TrainedGan.load),
-    "classifier": (list(CLASSIFIER_REPORTS), _classifier_state, "checkpoint_000001", "checkpoint_000003", TrainedClassifier.load),
+    "gan": (
+        [_gan_metrics(i, fid) for i, fid in GAN_FIDS],
+        _gan_state,
+        "checkpoint_000200",
+        "checkpoint_000400",
+        TrainedGan.load,
+    ),
+    "classifier": (
+        list(CLASSIFIER_REPORTS),
+        _classifier_state,
+        "checkpoint_000001",
+        "checkpoint_000003",
+        TrainedClassifier.load,
+    ),
 }
 
 
@@ -103,7 +137,9 @@ def test_the_latest_is_the_highest_position_past_999999(metrics, tmp_path):
     run = tmp_path / "long"
     for n in (999_999, 1_000_000):
         write_checkpoint(str(run / f"checkpoint_{n:06d}"), {"config": {}, "iteration": n}, metrics(n))
-    assert Session.current(str(run), use_gpu=False, keep=2).latest_state()["iteration"] == 1_000_000  # string order says 999999
+    assert (
+        Session.current(str(run), use_gpu=False, keep=2).latest_state()["iteration"] == 1_000_000
+    )  # string order says 999999
     assert best(str(run)).name == "checkpoint_1000000"  # no FID, no accuracy: the latest is best
 
 
@@ -111,10 +147,18 @@ GAN_WITH_EVAL = apply_overrides(GanConfig(), ["schedule.eval_every=100", "scale.
 CLASSIFIER = apply_overrides(ClassifierConfig(), ["scale.keep_checkpoints=1"])
 
 
-@pytest.mark.parametrize(("cfg", "reports", "through"), [
-    (GAN_WITH_EVAL, [_gan_metrics(i, fid) for i, fid in (*GAN_FIDS, (500, float("nan")), (600, None))], with_ray_score),
-    (CLASSIFIER, list(CLASSIFIER_REPORTS), dict),
-], ids=["gan", "classifier"])
+@pytest.mark.parametrize(
+    ("cfg", "reports", "through"),
+    [
+        (
+            GAN_WITH_EVAL,
+            [_gan_metrics(i, fid) for i, fid in (*GAN_FIDS, (500, float("nan")), (600, None))],
+            with_ray_score,
+        ),
+        (CLASSIFIER, list(CLASSIFIER_REPORTS), dict),
+    ],
+    ids=["gan", "classifier"],
+)
 def test_ray_orders_checkpoints_as_the_catalog_does_even_after_its_snapshot(cfg, reports, through):
     """Ray's own scoring and insertion (what its CheckpointManager keeps num_to_keep of), on the
     metrics as Ray reads them back from checkpoint_manager_snapshot.json after a restart."""
@@ -127,7 +171,9 @@ def test_ray_orders_checkpoints_as_the_catalog_does_even_after_its_snapshot(cfg,
         saved = _TrainingResultState(checkpoint_dir_name=f"checkpoint_{i}", metrics=through(metrics)).model_dump_json()
         restored = _TrainingResultState.model_validate_json(saved).metrics
         report_index[f"checkpoint_{i}"] = i
-        _insert_into_sorted_list(ray_order, _TrainingResult(f"checkpoint_{i}", restored), manager._get_checkpoint_score, report_index)
+        _insert_into_sorted_list(
+            ray_order, _TrainingResult(f"checkpoint_{i}", restored), manager._get_checkpoint_score, report_index
+        )
     _, catalog_order = rank([CheckpointInfo("", f"checkpoint_{i}", "", 0, m) for i, m in enumerate(reports)])
     assert [r.checkpoint for r in reversed(ray_order)] == [c.name for c in catalog_order]  # Ray: best last
     assert catalog_order[0].name == "checkpoint_1"  # FID 40 / accuracy 0.8: the second report of each
@@ -158,5 +204,8 @@ def test_ray_keeps_the_best_fid_checkpoint_and_the_latest(ray_cluster, tmp_path)
     )
     assert trainer.fit().error is None
     [run] = list_runs(str(tmp_path / "gan"))
-    assert sorted(c.metrics["iteration"] for c in run.checkpoints) == [200, 500]  # the best FID (keep 1), and the latest
+    assert sorted(c.metrics["iteration"] for c in run.checkpoints) == [
+        200,
+        500,
+    ]  # the best FID (keep 1), and the latest
     assert run.best.metrics["iteration"] == 200 and run.latest.metrics["iteration"] == 500

@@ -19,7 +19,9 @@ pytestmark = pytest.mark.real_data
 @pytest.fixture(scope="module")
 def real_packed(ray_cluster, tmp_path_factory):
     root = os.environ["DEEPREC_CELEBA_ROOT"]
-    return root, pack(root, str(tmp_path_factory.mktemp("real")), PackOptions(samples_per_shard=2000, allow_missing=True))
+    return root, pack(
+        root, str(tmp_path_factory.mktemp("real")), PackOptions(samples_per_shard=2000, allow_missing=True)
+    )
 
 
 def test_real_sample_packs_with_exact_counts_and_verifies(real_packed):
@@ -35,7 +37,9 @@ def test_real_sample_packs_with_exact_counts_and_verifies(real_packed):
     for code, split in enumerate(("train", "val", "test")):
         rows = ann.attrs[present & (ann.partition == code)]
         assert manifest.splits[split].samples == len(rows)
-        counts = np.sum([s.attribute_counts for s in manifest.splits[split].shards], axis=0) if len(rows) else np.zeros(40)
+        counts = (
+            np.sum([s.attribute_counts for s in manifest.splits[split].shards], axis=0) if len(rows) else np.zeros(40)
+        )
         assert counts.tolist() == rows.sum(axis=0).tolist()
     assert verify(report.dest).ok
 
@@ -45,7 +49,9 @@ def test_real_images_read_back_close_to_their_source(real_packed):
     source = find_source(root)
     ann = load_annotations(source)
     rows = {f[:-4]: a for f, a in zip(ann.image_files, ann.attrs)}
-    batch = next(iter(make_loader(LoaderConfig(data=report.dest, split="val", training=False, batch_size=16, num_workers=0))))
+    batch = next(
+        iter(make_loader(LoaderConfig(data=report.dest, split="val", training=False, batch_size=16, num_workers=0)))
+    )
     with open_images(source) as images:
         for key, image, targets in zip(batch.keys, batch.images, batch.targets):
             expected = np.asarray(resize(decode_source(images.read(key + ".jpg")), ImageFormat())).transpose(2, 0, 1)

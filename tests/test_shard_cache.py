@@ -53,7 +53,9 @@ def cache_in(folder) -> ShardCache:
     return ShardCache(str(folder), cap_bytes=10**12)
 
 
-def _read_in_another_process(folder: str, uri: str, shard: ShardInfo, start: multiprocessing.synchronize.Barrier, out: multiprocessing.Queue) -> None:
+def _read_in_another_process(
+    folder: str, uri: str, shard: ShardInfo, start: multiprocessing.synchronize.Barrier, out: multiprocessing.Queue
+) -> None:
     start.wait()  # every process finds the cache empty at the same moment
     out.put(hashlib.sha256(cache_in(folder).read(uri, shard)).hexdigest())
 
@@ -63,7 +65,9 @@ def test_processes_racing_on_an_empty_cache_get_the_exact_shard_downloaded_once(
     uri, path = storage.join(remote, shard.name), cache_in(tmp_path).path(shard)
     ctx = multiprocessing.get_context("spawn")
     start, out = ctx.Barrier(4), ctx.Queue()
-    readers = [ctx.Process(target=_read_in_another_process, args=(str(tmp_path), uri, shard, start, out)) for _ in range(4)]
+    readers = [
+        ctx.Process(target=_read_in_another_process, args=(str(tmp_path), uri, shard, start, out)) for _ in range(4)
+    ]
     sizes_seen: set[int] = set()
     racing = threading.Event()
 
@@ -85,8 +89,12 @@ def test_processes_racing_on_an_empty_cache_get_the_exact_shard_downloaded_once(
     watcher.join()
     assert digests == [shard.sha256] * 4 and all(r.exitcode == 0 for r in readers)
     assert sizes_seen == {shard.bytes}
-    assert shard.bytes <= proxy.bytes_to_client < 2 * shard.bytes  # one download: the others waited for its lock, then hit
-    assert sorted(os.listdir(tmp_path)) == sorted([f"{shard.sha256}.tar", f"{shard.sha256}.tar.lock", ".evict.lock"])  # no temp file left
+    assert (
+        shard.bytes <= proxy.bytes_to_client < 2 * shard.bytes
+    )  # one download: the others waited for its lock, then hit
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [f"{shard.sha256}.tar", f"{shard.sha256}.tar.lock", ".evict.lock"]
+    )  # no temp file left
 
 
 def test_loader_workers_read_an_s3_dataset_once_over_several_epochs(packed, remote, proxy, tmp_path):
@@ -96,7 +104,9 @@ def test_loader_workers_read_an_s3_dataset_once_over_several_epochs(packed, remo
     for epoch in range(3):
         loader.dataset.set_epoch(epoch)
         keys.append(sorted(k for batch in loader for k in batch.keys))
-    local = make_loader(LoaderConfig(data=packed.dest, split="train", batch_size=16, num_workers=0), rank=0, world_size=1)
+    local = make_loader(
+        LoaderConfig(data=packed.dest, split="train", batch_size=16, num_workers=0), rank=0, world_size=1
+    )
     local.dataset.set_epoch(2)
     assert keys[2] == sorted(k for batch in local for k in batch.keys)  # the same epochs as from local disk
     split_bytes = sum(s.bytes for s in packed.manifest.splits["train"].shards)
@@ -134,7 +144,10 @@ def test_a_corrupted_cached_shard_is_caught_and_fetched_again(packed, remote, pr
     with caplog.at_level(logging.WARNING, logger="deeprecognition.shards.cache"):
         raw = read_shard(remote, shard, cache)
     assert hashlib.sha256(raw).hexdigest() == shard.sha256
-    assert f"shard {shard.name}: the cached copy {cache.path(shard)} is bad" in caplog.text and "fetching it again" in caplog.text
+    assert (
+        f"shard {shard.name}: the cached copy {cache.path(shard)} is bad" in caplog.text
+        and "fetching it again" in caplog.text
+    )
     assert proxy.bytes_to_client >= fetched_once + shard.bytes  # fetched again ...
     with open(cache.path(shard), "rb") as f:  # ... and the good copy is in place
         assert hashlib.sha256(f.read()).hexdigest() == shard.sha256
@@ -158,17 +171,35 @@ def test_a_four_trial_sweep_on_one_node_reads_the_dataset_from_s3_about_once(hea
     counting = FaultProxy.before(s3, cut_every=0)
     cache = tmp_path / "node-cache"
     sweeps = tmp_path / "sweeps"
-    args = ["tune", os.path.join(REPO, "tune_configs", "cnn_layers.yaml"), "--data", remote, "--storage", str(sweeps), "--smoke", "--set", f"data.cache={cache}"]
+    args = [
+        "tune",
+        os.path.join(REPO, "tune_configs", "cnn_layers.yaml"),
+        "--data",
+        remote,
+        "--storage",
+        str(sweeps),
+        "--smoke",
+        "--set",
+        f"data.cache={cache}",
+    ]
     try:
         submit_and_wait(head, "cached-sweep", args, counting.url)
     finally:
         counting.stop()
     with open(sweeps / "cnn_layers-smoke" / "results.csv") as f:
-        assert sorted((row["status"], row["layers"]) for row in csv.DictReader(f)) == [("finished", str(n)) for n in (1, 2, 3, 4)]
+        assert sorted((row["status"], row["layers"]) for row in csv.DictReader(f)) == [
+            ("finished", str(n)) for n in (1, 2, 3, 4)
+        ]
     shards = [s for split in packed.manifest.splits.values() for s in split.shards]
     dataset = sum(s.bytes for s in shards)
     # Each of the 4 trials reads the manifest and the label index a few times (driver checks, one
     # per loader); those are the same with or without the cache.
     small = os.path.getsize(os.path.join(packed.dest, MANIFEST)) + packed.manifest.labels.bytes
-    assert counting.bytes_to_client <= dataset + 4 * 8 * small + HEADERS_SLACK, (counting.bytes_to_client, dataset, small)
-    assert set(os.listdir(cache)) - {".evict.lock"} <= {f"{s.sha256}.tar{lock}" for s in shards for lock in ("", ".lock")}
+    assert counting.bytes_to_client <= dataset + 4 * 8 * small + HEADERS_SLACK, (
+        counting.bytes_to_client,
+        dataset,
+        small,
+    )
+    assert set(os.listdir(cache)) - {".evict.lock"} <= {
+        f"{s.sha256}.tar{lock}" for s in shards for lock in ("", ".lock")
+    }

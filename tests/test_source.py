@@ -145,7 +145,9 @@ def test_a_damaged_zip_member_is_named(tmp_path) -> None:
         f.write(bytes([byte[0] ^ 0xFF]))
     with open_images(find_source(str(tmp_path))) as images:
         assert images.read("000002.jpg") == JPEGS["000002.jpg"]
-        with pytest.raises(InputError, match=r"cannot read img_align_celeba/000003.jpg \(Bad CRC-32.*download the zip again") as caught:
+        with pytest.raises(
+            InputError, match=r"cannot read img_align_celeba/000003.jpg \(Bad CRC-32.*download the zip again"
+        ) as caught:
             images.read_many(["000001.jpg", "000003.jpg"])
     assert caught.value.path == path
 

@@ -41,10 +41,20 @@ def test_every_shipped_sweep_file_validates(name, smoke):
         assert [(f.field, f.dist.kind, f.dist.values) for f in spec.search] == [("model.layers", "grid", (1, 2, 3, 4))]
         assert spec.base.attributes() == ("Attractive",) and spec.metric == "val/mean_accuracy"
     if name == "gan":
-        assert (spec.metric, spec.mode, spec.scheduler.name, spec.scheduler.time_attr) == ("fid", "min", "asha", "training_iteration")
+        assert (spec.metric, spec.mode, spec.scheduler.name, spec.scheduler.time_attr) == (
+            "fid",
+            "min",
+            "asha",
+            "training_iteration",
+        )
 
 
-GOOD = {"preset": "paper-cnn", "search": {"model.layers": {"grid": [1, 2]}}, "metric": "val/mean_accuracy", "mode": "max"}
+GOOD = {
+    "preset": "paper-cnn",
+    "search": {"model.layers": {"grid": [1, 2]}},
+    "metric": "val/mean_accuracy",
+    "mode": "max",
+}
 BAD = {
     "unknown field": ({"search": {"model.depth": {"grid": [1, 2]}}}, "unknown field 'model.depth'"),
     "unknown key": ({"schedular": "asha"}, "unknown key.*schedular"),
@@ -103,7 +113,16 @@ def _interrupt_after(log_uri: str, ended: int) -> threading.Thread:
 
 def test_cnn_layers_smoke_sweep_in_s3_resumes_without_running_ended_trials_again(packed, s3, capsys):
     sweep = f"s3://{BUCKET}/sweeps/cnn_layers-smoke"
-    args = ["tune", str(SWEEPS / "cnn_layers.yaml"), "--data", packed.dest, "--storage", f"s3://{BUCKET}/sweeps", "--smoke", "--json"]
+    args = [
+        "tune",
+        str(SWEEPS / "cnn_layers.yaml"),
+        "--data",
+        packed.dest,
+        "--storage",
+        f"s3://{BUCKET}/sweeps",
+        "--smoke",
+        "--json",
+    ]
     # The first two trials run side by side; stopping when both have ended loses little work.
     watcher = _interrupt_after(f"{sweep}/trials.jsonl", ended=2)
     assert main(args) == 1  # interrupted: trials left to run
@@ -127,7 +146,9 @@ def test_cnn_layers_smoke_sweep_in_s3_resumes_without_running_ended_trials_again
     assert scores == sorted(scores, reverse=True) and out["best"] == trials[0]
     # Trials that had ended were not run again: their runs are untouched, each is logged once.
     assert {tid: storage.read_bytes(f"{sweep}/trials/{tid}/metrics.jsonl") for tid in ended} == runs_before
-    logged = [json.loads(line)["trial_id"] for line in storage.read_bytes(f"{sweep}/trials.jsonl").decode().splitlines()]
+    logged = [
+        json.loads(line)["trial_id"] for line in storage.read_bytes(f"{sweep}/trials.jsonl").decode().splitlines()
+    ]
     assert sorted(logged) == sorted(t["trial_id"] for t in trials)
     rows = list(csv.DictReader(io.StringIO(storage.read_bytes(f"{sweep}/results.csv").decode())))
     assert [r["trial_id"] for r in rows] == [t["trial_id"] for t in trials]
@@ -141,12 +162,15 @@ def test_asha_stops_a_weak_trial_early(packed, tmp_path):
         "preset": "paper-cnn",
         "set": {"optim.epochs": 3, "optim.steps_per_epoch": 3, "data.batch_size": 16, "data.loader_workers": 0},
         "search": {"optim.lr": {"grid": [1.0e-3, 10.0]}},
-        "metric": "train/loss", "mode": "min",
+        "metric": "train/loss",
+        "mode": "min",
         "scheduler": {"name": "asha", "grace_period": 1, "max_t": 3, "reduction_factor": 2},
         "max_concurrent": 1,
     }
     (tmp_path / "asha.yaml").write_text(yaml.safe_dump(sweep))
-    result = run_sweep(SweepOptions(file=str(tmp_path / "asha.yaml"), data=packed.dest, storage=str(tmp_path / "sweeps")))
+    result = run_sweep(
+        SweepOptions(file=str(tmp_path / "asha.yaml"), data=packed.dest, storage=str(tmp_path / "sweeps"))
+    )
     by_lr = {t.config["lr"]: t for t in result.trials}
     assert (by_lr[1e-3].status, by_lr[1e-3].progress) == ("finished", "3/3 epochs")
     assert (by_lr[10.0].status, by_lr[10.0].progress) == ("stopped", "1/3 epochs")

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deeprecognition.celeba.attributes import ATTRIBUTE_INDEX, CELEBA_ATTRIBUTES
 from deeprecognition.celeba import synthetic
+from deeprecognition.celeba.attributes import ATTRIBUTE_INDEX, CELEBA_ATTRIBUTES
 from deeprecognition.celeba.source import find_source, load_annotations
 from deeprecognition.celeba.synthetic import (
     OFFICIAL_SPLIT,

@@ -42,8 +42,11 @@ def task_attributes(task: str) -> tuple[str, ...]:
     return names
 
 
-def check_fields(choices: tuple[tuple[str, str, tuple[str, ...]], ...], positives: tuple[tuple[str, float | None], ...],
-                 non_negatives: tuple[tuple[str, float], ...] = ()) -> None:
+def check_fields(
+    choices: tuple[tuple[str, str, tuple[str, ...]], ...],
+    positives: tuple[tuple[str, float | None], ...],
+    non_negatives: tuple[tuple[str, float], ...] = (),
+) -> None:
     """Refuse, by dotted field name, a value outside its choices, a count or rate that must be
     positive and is not (None passes: "not set"), or a negative one where 0 means "off"."""
     for name, value, allowed in choices:
@@ -101,7 +104,9 @@ class OptimConfig:
     seed: int = 0
     steps_per_epoch: int | None = None  # cap, for smoke runs; None: a full epoch of the train split
     compile: bool = False  # torch.compile the model (GPU)
-    checkpoint_every: int = 1  # epochs between checkpoints; the last epoch's and preemption checkpoints are always written
+    checkpoint_every: int = (
+        1  # epochs between checkpoints; the last epoch's and preemption checkpoints are always written
+    )
 
 
 @dataclass(kw_only=True)
@@ -126,15 +131,23 @@ class ScaleConfig:
     spread: bool = False  # one worker per node where possible, instead of packing a run that fits onto one node
 
     def positives(self) -> tuple[tuple[str, float | None], ...]:
-        return (("scale.num_workers", self.num_workers), ("scale.elastic_min", self.elastic_min), ("scale.keep_checkpoints", self.keep_checkpoints),
-                ("scale.collective_timeout_s", self.collective_timeout_s), ("scale.start_timeout_s", self.start_timeout_s))
+        return (
+            ("scale.num_workers", self.num_workers),
+            ("scale.elastic_min", self.elastic_min),
+            ("scale.keep_checkpoints", self.keep_checkpoints),
+            ("scale.collective_timeout_s", self.collective_timeout_s),
+            ("scale.start_timeout_s", self.start_timeout_s),
+        )
 
     def check(self) -> None:
         if self.gpu_type and not self.gpu:
             raise ValueError(f"scale.gpu_type={self.gpu_type} needs scale.gpu=true (--gpu)")
 
     def non_negatives(self) -> tuple[tuple[str, float], ...]:
-        return (("scale.max_failures", self.max_failures), ("scale.preemption_check_every", self.preemption_check_every))
+        return (
+            ("scale.max_failures", self.max_failures),
+            ("scale.preemption_check_every", self.preemption_check_every),
+        )
 
 
 @dataclass(kw_only=True)
@@ -157,12 +170,25 @@ class ClassifierConfig:
         if not 1 <= self.model.layers <= 4:
             raise ValueError(f"model.layers must be 1..4 (the study's conv blocks), got {self.model.layers}")
         check_fields(
-            choices=(("model.freeze", self.model.freeze, ("all", "none", "paper")), ("data.sampling", self.data.sampling, SAMPLING)),
-            positives=(("optim.epochs", self.optim.epochs), ("optim.lr", self.optim.lr), ("optim.steps_per_epoch", self.optim.steps_per_epoch),
-                       ("optim.checkpoint_every", self.optim.checkpoint_every),
-                       ("data.batch_size", self.data.batch_size), ("model.dense", self.model.dense), ("model.head_width", self.model.head_width),
-                       *self.scale.positives()),
-            non_negatives=(("optim.weight_decay", self.optim.weight_decay), ("data.loader_workers", self.data.loader_workers), *self.scale.non_negatives()),
+            choices=(
+                ("model.freeze", self.model.freeze, ("all", "none", "paper")),
+                ("data.sampling", self.data.sampling, SAMPLING),
+            ),
+            positives=(
+                ("optim.epochs", self.optim.epochs),
+                ("optim.lr", self.optim.lr),
+                ("optim.steps_per_epoch", self.optim.steps_per_epoch),
+                ("optim.checkpoint_every", self.optim.checkpoint_every),
+                ("data.batch_size", self.data.batch_size),
+                ("model.dense", self.model.dense),
+                ("model.head_width", self.model.head_width),
+                *self.scale.positives(),
+            ),
+            non_negatives=(
+                ("optim.weight_decay", self.optim.weight_decay),
+                ("data.loader_workers", self.data.loader_workers),
+                *self.scale.non_negatives(),
+            ),
         )
         check_cache_and_decode(self.data, self.scale.gpu)
         self.scale.check()
@@ -175,13 +201,23 @@ class ClassifierConfig:
 def paper_cnn() -> ClassifierConfig:
     """The from-scratch CNN on Attractive (the study's runs trained Black_Hair by mistake); the
     study swept layers 1..4 by hand: `tune_configs/cnn_layers.yaml` runs that sweep."""
-    return ClassifierConfig(name="paper-cnn", model=ModelConfig(name="cnn", layers=3), data=DataConfig(task="attractive"), optim=OptimConfig(epochs=10, lr=1e-3))
+    return ClassifierConfig(
+        name="paper-cnn",
+        model=ModelConfig(name="cnn", layers=3),
+        data=DataConfig(task="attractive"),
+        optim=OptimConfig(epochs=10, lr=1e-3),
+    )
 
 
 def paper_multilabel() -> ClassifierConfig:
     """The 4-label CNN: one sigmoid per label with BCE (the study's softmax over 4 independent
     labels could not express two labels at once)."""
-    return ClassifierConfig(name="paper-multilabel", model=ModelConfig(name="cnn", layers=3), data=DataConfig(task="paper4"), optim=OptimConfig(epochs=10, lr=1e-3))
+    return ClassifierConfig(
+        name="paper-multilabel",
+        model=ModelConfig(name="cnn", layers=3),
+        data=DataConfig(task="paper4"),
+        optim=OptimConfig(epochs=10, lr=1e-3),
+    )
 
 
 def paper_transfer() -> ClassifierConfig:
@@ -220,7 +256,11 @@ def _field_types(cls: type) -> dict[str, Any]:
 
 def _coerce(value: Any, kind: Any, where: str) -> Any:
     """value as `kind` (str from the command line, or a JSON value), or a ValueError naming the field."""
-    options = typing.get_args(kind) if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union else (kind,)
+    options = (
+        typing.get_args(kind)
+        if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union
+        else (kind,)
+    )
     if value is None or (isinstance(value, str) and value.lower() in ("none", "null") and type(None) in options):
         if type(None) in options:
             return None
@@ -251,7 +291,9 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = set(data) - known
     if unknown:
-        raise ValueError(f"unknown config field(s) {', '.join(prefix + u for u in sorted(unknown))}; known: {', '.join(prefix + k for k in sorted(known))}")
+        raise ValueError(
+            f"unknown config field(s) {', '.join(prefix + u for u in sorted(unknown))}; known: {', '.join(prefix + k for k in sorted(known))}"
+        )
     kwargs = {}
     for name, value in data.items():
         kind = hints[name]
@@ -376,13 +418,32 @@ class GanConfig:
         parse_where(self.data.where)
         sched, optim = self.schedule, self.optim
         check_fields(
-            choices=(("model.arch", self.model.arch, ("paper", "dcgan")), ("model.loss", self.model.loss, ("bce", "hinge")),
-                     ("optim.optimizer", optim.optimizer, ("rmsprop", "adam")), ("data.sampling", self.data.sampling, SAMPLING)),
-            positives=(("optim.iterations", optim.iterations), ("optim.lr_g", optim.lr_g), ("optim.lr_d", optim.lr_d), ("data.batch_size", self.data.batch_size),
-                       ("model.latent", self.model.latent), ("model.width", self.model.width), ("eval.samples", self.eval.samples), *self.scale.positives()),
-            non_negatives=(("schedule.mosaic_every", sched.mosaic_every), ("schedule.checkpoint_every", sched.checkpoint_every), ("schedule.log_every", sched.log_every),
-                           ("schedule.eval_every", sched.eval_every), ("optim.clip", optim.clip), ("optim.label_noise", optim.label_noise),
-                           ("data.loader_workers", self.data.loader_workers), *self.scale.non_negatives()),
+            choices=(
+                ("model.arch", self.model.arch, ("paper", "dcgan")),
+                ("model.loss", self.model.loss, ("bce", "hinge")),
+                ("optim.optimizer", optim.optimizer, ("rmsprop", "adam")),
+                ("data.sampling", self.data.sampling, SAMPLING),
+            ),
+            positives=(
+                ("optim.iterations", optim.iterations),
+                ("optim.lr_g", optim.lr_g),
+                ("optim.lr_d", optim.lr_d),
+                ("data.batch_size", self.data.batch_size),
+                ("model.latent", self.model.latent),
+                ("model.width", self.model.width),
+                ("eval.samples", self.eval.samples),
+                *self.scale.positives(),
+            ),
+            non_negatives=(
+                ("schedule.mosaic_every", sched.mosaic_every),
+                ("schedule.checkpoint_every", sched.checkpoint_every),
+                ("schedule.log_every", sched.log_every),
+                ("schedule.eval_every", sched.eval_every),
+                ("optim.clip", optim.clip),
+                ("optim.label_noise", optim.label_noise),
+                ("data.loader_workers", self.data.loader_workers),
+                *self.scale.non_negatives(),
+            ),
         )
         check_cache_and_decode(self.data, self.scale.gpu)
         if self.eval.samples < 2:
@@ -390,7 +451,9 @@ class GanConfig:
         if not 0 < self.data.threshold < 1:
             raise ValueError(f"data.threshold must be between 0 and 1, got {self.data.threshold}")
         if self.schedule.eval_every and not (self.eval.classifier or self.eval.inception_weights):
-            raise ValueError("schedule.eval_every needs eval.classifier (a trained classifier checkpoint) or eval.inception_weights")
+            raise ValueError(
+                "schedule.eval_every needs eval.classifier (a trained classifier checkpoint) or eval.inception_weights"
+            )
         self.scale.check()
         return self
 

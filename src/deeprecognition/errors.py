@@ -31,7 +31,9 @@ class CorruptShardError(DeepRecError):
     def __init__(self, shard: str, problem: str) -> None:
         self.shard = shard
         self.problem = problem
-        super().__init__(f"shard {shard}: {problem} (`deeprec verify DATA` lists every bad shard; to repair, remove DATA/manifest.json and run the same `deeprec pack` again)")
+        super().__init__(
+            f"shard {shard}: {problem} (`deeprec verify DATA` lists every bad shard; to repair, remove DATA/manifest.json and run the same `deeprec pack` again)"
+        )
 
     def __reduce__(self):
         return (type(self), (self.shard, self.problem))

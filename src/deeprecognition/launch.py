@@ -11,10 +11,17 @@ from typing import TYPE_CHECKING, TypeVar
 import torch
 
 from deeprecognition import storage
-from deeprecognition.runs.catalog import ray_checkpoint_config
-from deeprecognition.config import ClassifierConfig, GanConfig, to_dict
 from deeprecognition.classifier.loop import train_loop_per_worker
-from deeprecognition.runs.placement import Placement, check_gpu_type, plan, ray_start_timeout, scaling_config, wait_for_capacity
+from deeprecognition.config import ClassifierConfig, GanConfig, to_dict
+from deeprecognition.runs.catalog import ray_checkpoint_config
+from deeprecognition.runs.placement import (
+    Placement,
+    check_gpu_type,
+    plan,
+    ray_start_timeout,
+    scaling_config,
+    wait_for_capacity,
+)
 from deeprecognition.shards.device_decode import check_decode
 from deeprecognition.shards.manifest import read_manifest
 
@@ -39,8 +46,8 @@ def check_before_workers(cfg: ClassifierConfig | GanConfig) -> None:
 
 def _check_gan_inputs(cfg: GanConfig) -> None:
     """The classifiers and Inception weights a GAN run names must load, before workers start."""
-    from deeprecognition.gan.metrics import inception_extractor
     from deeprecognition.classifier.trained import TrainedClassifier
+    from deeprecognition.gan.metrics import inception_extractor
 
     if cfg.data.where_classifier:
         TrainedClassifier.load(cfg.data.where_classifier).attribute_index(cfg.data.classifier_attribute)
@@ -60,7 +67,9 @@ def absolute_paths(cfg: T) -> T:
     data = dataclasses.replace(cfg.data, data=ray_storage_path(cfg.data.data))
     if isinstance(cfg, GanConfig):
         data = dataclasses.replace(data, where_classifier=_absolute(cfg.data.where_classifier))
-        evaluation = dataclasses.replace(cfg.eval, classifier=_absolute(cfg.eval.classifier), inception_weights=_absolute(cfg.eval.inception_weights))
+        evaluation = dataclasses.replace(
+            cfg.eval, classifier=_absolute(cfg.eval.classifier), inception_weights=_absolute(cfg.eval.inception_weights)
+        )
         return dataclasses.replace(cfg, data=data, eval=evaluation, storage=ray_storage_path(cfg.storage))
     return dataclasses.replace(cfg, data=data, storage=ray_storage_path(cfg.storage))
 
@@ -69,7 +78,9 @@ def _absolute(uri: str) -> str:
     return ray_storage_path(uri) if uri else uri
 
 
-def build_trainer(cfg: ClassifierConfig | GanConfig, placement: Placement, callbacks: Sequence[UserCallback] = ()) -> TorchTrainer:
+def build_trainer(
+    cfg: ClassifierConfig | GanConfig, placement: Placement, callbacks: Sequence[UserCallback] = ()
+) -> TorchTrainer:
     """The TorchTrainer of a checked config with absolute paths, its run at `cfg.storage/cfg.name`,
     its workers placed as `placement` says. Checkpoints are kept by catalog's ranking
     (catalog.ray_checkpoint_config). `callbacks` see every report (a Tune sweep passes

@@ -56,7 +56,11 @@ def ray_console(verbose: bool) -> Iterator[None]:
     """Ray's settings of what it prints on this command's console, in the environment while the
     block runs: Ray reads them when it is imported and hands them to the processes it starts. A
     variable the user set is left as it is."""
-    settings = {k: v for k, v in console_env(verbose, attaching=bool(os.environ.get("RAY_ADDRESS"))).items() if k not in os.environ}
+    settings = {
+        k: v
+        for k, v in console_env(verbose, attaching=bool(os.environ.get("RAY_ADDRESS"))).items()
+        if k not in os.environ
+    }
     os.environ.update(settings)
     try:
         yield
@@ -67,7 +71,9 @@ def ray_console(verbose: bool) -> Iterator[None]:
 
 def console_env(verbose: bool, attaching: bool) -> dict[str, str]:
     """`attaching`: to RAY_ADDRESS's cluster, whose auth is the cluster's own."""
-    env = {} if attaching else {"RAY_AUTH_MODE": "token"}  # Ray's default for a new local cluster: chosen, Ray does not warn it chose it
+    env = (
+        {} if attaching else {"RAY_AUTH_MODE": "token"}
+    )  # Ray's default for a new local cluster: chosen, Ray does not warn it chose it
     # Ray's worker replaces sys.stdout (_private/workers/default_worker.py:286), which Ray Train's
     # print patch takes for a user's redirect and tees (train/v2/_internal/logging/patch_print.py:44):
     # each print of a training worker reached the console twice, from its stdout and its stderr.
@@ -114,10 +120,20 @@ def _start_local_ray() -> None:
     import ray
 
     port = _free_local_port()
-    env_vars = {**(worker_runtime_env() or {}).get("env_vars", {}), "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}"}
+    env_vars = {
+        **(worker_runtime_env() or {}).get("env_vars", {}),
+        "RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{port}",
+    }
     log.info("starting a local Ray with %d CPUs, its dashboard on 127.0.0.1:%d", os.cpu_count() or 1, port)
-    ray.init(address="local", runtime_env={"env_vars": env_vars}, include_dashboard=True, dashboard_host="127.0.0.1",
-             dashboard_port=port, log_to_driver=True, logging_level=ray_log_level())
+    ray.init(
+        address="local",
+        runtime_env={"env_vars": env_vars},
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        dashboard_port=port,
+        log_to_driver=True,
+        logging_level=ray_log_level(),
+    )
 
 
 def _free_local_port() -> int:

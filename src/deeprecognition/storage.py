@@ -17,9 +17,9 @@ import os
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import IO, Any, Callable, TypeVar
+from typing import IO, Any, TypeVar
 
 log = logging.getLogger(__name__)
 
@@ -88,14 +88,29 @@ def _count_botocore_retries(client: Any) -> None:
     if getattr(client, "_deeprec_counts_retries", False):
         return
 
-    def on_response(event_name: str, context: dict, exception: BaseException | None = None, response_dict: dict | None = None, **_: Any) -> None:
+    def on_response(
+        event_name: str,
+        context: dict,
+        exception: BaseException | None = None,
+        response_dict: dict | None = None,
+        **_: Any,
+    ) -> None:
         attempt = (context.get("retries") or {}).get("attempt", 1)
         if attempt > 1:
             what = f"s3 {event_name.rsplit('.', 1)[-1]}"
             RETRIES[what] += 1
-            log.warning("storage: %s retried by botocore (attempt %d) after %s", what, attempt, context.get("deeprec_last_failure", "a failure"))
+            log.warning(
+                "storage: %s retried by botocore (attempt %d) after %s",
+                what,
+                attempt,
+                context.get("deeprec_last_failure", "a failure"),
+            )
         if exception is not None or (response_dict or {}).get("status_code", 200) >= 400:
-            context["deeprec_last_failure"] = f"{type(exception).__name__}: {exception}" if exception is not None else f"HTTP {response_dict['status_code']}"
+            context["deeprec_last_failure"] = (
+                f"{type(exception).__name__}: {exception}"
+                if exception is not None
+                else f"HTTP {response_dict['status_code']}"
+            )
 
     client.meta.events.register("response-received.s3", on_response)
     client._deeprec_counts_retries = True
@@ -170,7 +185,9 @@ def read_ranges(uri: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
 
     def fetch_the_rest() -> None:
         todo = [i for i in range(len(ranges)) if i not in got]
-        results = fs.cat_ranges([path] * len(todo), [ranges[i][0] for i in todo], [ranges[i][1] for i in todo], on_error="return")
+        results = fs.cat_ranges(
+            [path] * len(todo), [ranges[i][0] for i in todo], [ranges[i][1] for i in todo], on_error="return"
+        )
         failures = []
         for i, result in zip(todo, results):
             if isinstance(result, BaseException):
@@ -196,7 +213,9 @@ def read_ranges(uri: str, ranges: Sequence[tuple[int, int]]) -> list[bytes]:
 def _exact_range(uri: str, span: tuple[int, int], data: bytes) -> bytes:
     start, end = span
     if len(data) != end - start:
-        raise ValueError(f"{uri}: asked for bytes {start}-{end}, got {len(data)}: the object is shorter than its reader expects (changed while read?)")
+        raise ValueError(
+            f"{uri}: asked for bytes {start}-{end}, got {len(data)}: the object is shorter than its reader expects (changed while read?)"
+        )
     return data
 
 
@@ -227,7 +246,9 @@ def _entries(uri: str) -> list[tuple[str, str, int]]:
     if not is_remote(uri):
         if not os.path.isdir(path):
             return []
-        return [(e.name, "file", e.stat().st_size) if e.is_file() else (e.name, "directory", 0) for e in os.scandir(path)]
+        return [
+            (e.name, "file", e.stat().st_size) if e.is_file() else (e.name, "directory", 0) for e in os.scandir(path)
+        ]
 
     def ls() -> list[tuple[str, str, int]]:
         try:

@@ -45,7 +45,9 @@ def timed(run: Callable[[], Iterable[int]]) -> Rate:
 def loader_passes(data: str, split: str, num_workers: int, shards: int) -> Callable[[], Rate]:
     """Evaluation passes over the first `shards` shards of the split (whole shards, as training
     reads them) through one loader, as epochs go: each call times one more pass."""
-    config = LoaderConfig(data=data, split=split, training=False, batch_size=256, num_workers=num_workers, first_shards=shards)
+    config = LoaderConfig(
+        data=data, split=split, training=False, batch_size=256, num_workers=num_workers, first_shards=shards
+    )
     loader = make_loader(config, rank=0, world_size=1)
     return lambda: timed(lambda: (len(batch.keys) for batch in loader))
 
@@ -88,7 +90,11 @@ def webdataset_rate(data: str, split: str, limit: int) -> Rate | None:
     if storage.is_remote(data):
         return None
     urls = [storage.join(data, s.name) for s in read_manifest(data).shards(split)]
-    stream = wds.WebDataset(urls, shardshuffle=False, empty_check=False).decode("torchrgb8").to_tuple("jpg;png;npy", "attr.npy")
+    stream = (
+        wds.WebDataset(urls, shardshuffle=False, empty_check=False)
+        .decode("torchrgb8")
+        .to_tuple("jpg;png;npy", "attr.npy")
+    )
 
     def run() -> Iterable[int]:
         for i, _ in enumerate(stream, 1):
@@ -136,15 +142,21 @@ def bench_loader(data: str, num_workers: int = 0, limit: int = 5000, split: str 
     next_pass = loader_passes(data, split, num_workers, shards)
     # The first pass pays for worker start-up and for hashing every local shard once.
     first = next_pass()
-    rates = best_rates(repeats, {
-        "images_per_s": next_pass,
-        "decode_limit_images_per_s": lambda: decode_limit_rate(data, split, samples),
-    })
+    rates = best_rates(
+        repeats,
+        {
+            "images_per_s": next_pass,
+            "decode_limit_images_per_s": lambda: decode_limit_rate(data, split, samples),
+        },
+    )
     # The baselines run after: their garbage would otherwise tax the loader's passes.
-    rates |= best_rates(repeats, {
-        "baseline_images_per_s": lambda: naive_rate(manifest.source.get("root", ""), manifest.image.size, naive_n),
-        "webdataset_images_per_s": lambda: webdataset_rate(data, split, samples),
-    })
+    rates |= best_rates(
+        repeats,
+        {
+            "baseline_images_per_s": lambda: naive_rate(manifest.source.get("root", ""), manifest.image.size, naive_n),
+            "webdataset_images_per_s": lambda: webdataset_rate(data, split, samples),
+        },
+    )
     return {
         **{name: _rounded(rate) for name, rate in rates.items()},
         "first_pass_images_per_s": _rounded(first),
@@ -182,15 +194,25 @@ def bench_train(data: str, steps: int = 30, batch_size: int = 64, layers: int = 
     pays for warm-up); every run gets one CPU thread, as Ray gives each worker."""
     import tempfile
 
+    from deeprecognition.classifier.loop import train_loop_per_worker
     from deeprecognition.config import apply_overrides, preset, to_dict
     from deeprecognition.launch import absolute_paths, run
-    from deeprecognition.classifier.loop import train_loop_per_worker
     from deeprecognition.runs.report import read_history
 
     with tempfile.TemporaryDirectory() as runs:
+
         def cfg(name: str, workers: int):
-            overrides = [f"data.data={data}", f"storage={runs}", f"name={name}", f"model.layers={layers}", f"data.batch_size={batch_size}",
-                         "optim.epochs=2", f"optim.steps_per_epoch={steps}", "data.loader_workers=1", f"scale.num_workers={workers}"]
+            overrides = [
+                f"data.data={data}",
+                f"storage={runs}",
+                f"name={name}",
+                f"model.layers={layers}",
+                f"data.batch_size={batch_size}",
+                "optim.epochs=2",
+                f"optim.steps_per_epoch={steps}",
+                "data.loader_workers=1",
+                f"scale.num_workers={workers}",
+            ]
             return absolute_paths(apply_overrides(preset("paper-cnn"), overrides))
 
         threads = torch.get_num_threads()
@@ -214,7 +236,12 @@ def bench_train(data: str, steps: int = 30, batch_size: int = 64, layers: int = 
     }
 
 
-def bench_gan(size: int = 64, batch_sizes: tuple[int, ...] = (16, 128), iterations: int = 3, presets: tuple[str, ...] = ("paper-gan", "dcgan")) -> dict:
+def bench_gan(
+    size: int = 64,
+    batch_sizes: tuple[int, ...] = (16, 128),
+    iterations: int = 3,
+    presets: tuple[str, ...] = ("paper-gan", "dcgan"),
+) -> dict:
     """Iterations/s and images/s of one GAN iteration (the D phase, then the G phase) for both
     architectures at each batch size, on random uint8 "real" batches: the models' cost without the
     loader. bf16 autocast on a GPU, as in training; three warm-up iterations are not timed."""
@@ -240,12 +267,21 @@ def bench_gan(size: int = 64, batch_sizes: tuple[int, ...] = (16, 128), iteratio
             if device.type == "cuda":
                 torch.cuda.synchronize()
             seconds = time.perf_counter() - start
-            results.append({"arch": cfg.model.arch, "batch_size": batch, "iterations_per_s": round(iterations / seconds, 3), "images_per_s": round(iterations * batch / seconds, 1)})
+            results.append(
+                {
+                    "arch": cfg.model.arch,
+                    "batch_size": batch,
+                    "iterations_per_s": round(iterations / seconds, 3),
+                    "images_per_s": round(iterations * batch / seconds, 1),
+                }
+            )
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     return {"device": name, "image_size": size, "iterations_measured": iterations, "results": results}
 
 
-def bench_checkpoint(size_mb: float = 32, bandwidth_mb_per_s: float = 16, checkpoints: int = 3, compute_s: float | None = None) -> dict:
+def bench_checkpoint(
+    size_mb: float = 32, bandwidth_mb_per_s: float = 16, checkpoints: int = 3, compute_s: float | None = None
+) -> dict:
     """Seconds every rank is blocked per checkpoint (the loops' Session.report, timed on the worker
     of a 1-worker Ray Train run), uploads synchronous against in the background, to a moto S3
     server on 127.0.0.1 behind a link of `bandwidth_mb_per_s` (netsim's proxy). Between checkpoints
@@ -256,8 +292,8 @@ def bench_checkpoint(size_mb: float = 32, bandwidth_mb_per_s: float = 16, checkp
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from deeprecognition.runs.catalog import list_runs
     from deeprecognition.bench.netsim import FaultProxy, s3_server
+    from deeprecognition.runs.catalog import list_runs
 
     compute_s = 1.25 * size_mb / bandwidth_mb_per_s if compute_s is None else compute_s
     bucket, name = "deeprec-bench", "checkpoints"
@@ -274,9 +310,17 @@ def bench_checkpoint(size_mb: float = 32, bandwidth_mb_per_s: float = 16, checkp
             # The filesystem itself, not an s3:// path: Ray's controller would resolve a path with
             # its own process's endpoint, which on a Ray started before this bench is not the proxy.
             link = pyarrow.fs.S3FileSystem(endpoint_override=proxy.url, region=os.environ["AWS_DEFAULT_REGION"])
-            trainer = TorchTrainer(_checkpointing_worker, train_loop_config=config, scaling_config=ScalingConfig(num_workers=1),
-                                   run_config=RunConfig(name=name, storage_path=f"{bucket}/runs", storage_filesystem=link,
-                                                        failure_config=FailureConfig(controller_failure_limit=1)))
+            trainer = TorchTrainer(
+                _checkpointing_worker,
+                train_loop_config=config,
+                scaling_config=ScalingConfig(num_workers=1),
+                run_config=RunConfig(
+                    name=name,
+                    storage_path=f"{bucket}/runs",
+                    storage_filesystem=link,
+                    failure_config=FailureConfig(controller_failure_limit=1),
+                ),
+            )
             result = trainer.fit()
             if result.error is not None:
                 raise result.error
@@ -296,7 +340,9 @@ def bench_checkpoint(size_mb: float = 32, bandwidth_mb_per_s: float = 16, checkp
         "blocked_s_each": {m: [round(s, 3) for s in blocked[m]] for m in ("sync", "async")},
         "write_s": round(blocked["write_s"], 3),  # torch.save + sha256 of one checkpoint to local disk, in both
         "sha256_s": round(blocked["sha256_s"], 3),
-        "end_wait_s": round(blocked["end_wait_s"], 3),  # the final synchronous report, behind the last background upload
+        "end_wait_s": round(
+            blocked["end_wait_s"], 3
+        ),  # the final synchronous report, behind the last background upload
         "complete_checkpoints": len(run.checkpoints),
         "incomplete_checkpoints": len(run.incomplete),
         "uploaded_mb": round(proxy.bytes_to_server / 1e6, 1),
@@ -338,12 +384,16 @@ def _checkpointing_worker(config: dict) -> None:
         start = time.perf_counter()
         file_digest(os.path.join(folder, STATE))
         blocked["sha256_s"] = time.perf_counter() - start
-    schedule = [("warm-up", False)] + [("sync", False)] * config["checkpoints"] + [("async", True)] * config["checkpoints"]
+    schedule = (
+        [("warm-up", False)] + [("sync", False)] * config["checkpoints"] + [("async", True)] * config["checkpoints"]
+    )
     for step, (mode, background) in enumerate(schedule):
         _compute(config["compute_s"])
         weights.add_(1.0)  # training moves on: each checkpoint holds other bytes
         start = time.perf_counter()
-        session.report({"step": step, "mode": mode}, {"config": {}, "step": step, "weights": weights}, background=background)
+        session.report(
+            {"step": step, "mode": mode}, {"config": {}, "step": step, "weights": weights}, background=background
+        )
         blocked.setdefault(mode, []).append(time.perf_counter() - start)
     start = time.perf_counter()
     session.report({"step": len(schedule), "mode": "end"}, None)

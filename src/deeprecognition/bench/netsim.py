@@ -32,7 +32,11 @@ from deeprecognition.errors import DeepRecError
 
 _SLOW_DOWN_BODY = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>'
 # What every test server accepts: never hand real keys to a server of ours.
-FAKE_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+FAKE_CREDENTIALS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 class _Link:
@@ -54,9 +58,17 @@ class _Link:
 
 
 class FaultProxy:
-    def __init__(self, upstream: tuple[str, int], cut_every: int = 3, cut_after: int = 200, throttle_every: int = 0,
-                 stall_request_after: int | None = None, stall_response_after: int | None = None, seed: int | None = None,
-                 bandwidth: float | None = None) -> None:
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        cut_every: int = 3,
+        cut_after: int = 200,
+        throttle_every: int = 0,
+        stall_request_after: int | None = None,
+        stall_response_after: int | None = None,
+        seed: int | None = None,
+        bandwidth: float | None = None,
+    ) -> None:
         self.upstream = upstream
         self.cut_every = cut_every
         self.cut_after = cut_after
@@ -106,15 +118,28 @@ class FaultProxy:
                 threading.Thread(target=self._slow_down, args=(client,), daemon=True).start()
                 continue
             server = socket.create_connection(self.upstream)
-            threading.Thread(target=self._pump, args=(client, server, None, self.stall_request_after), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, self.cut_after if cut else None, self.stall_response_after, True), daemon=True).start()
+            threading.Thread(
+                target=self._pump, args=(client, server, None, self.stall_request_after), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._pump,
+                args=(server, client, self.cut_after if cut else None, self.stall_response_after, True),
+                daemon=True,
+            ).start()
 
     def _hits(self, every: int) -> bool:
         if every <= 0:
             return False
         return self._random.random() < 1 / every if self._random else self.connections % every == 0
 
-    def _pump(self, src: socket.socket, dst: socket.socket, limit: int | None, stall: int | None = None, to_client: bool = False) -> None:
+    def _pump(
+        self,
+        src: socket.socket,
+        dst: socket.socket,
+        limit: int | None,
+        stall: int | None = None,
+        to_client: bool = False,
+    ) -> None:
         sent = 0
         try:
             while chunk := src.recv(65536):

@@ -41,10 +41,7 @@ def _crlf(lines: list[str]) -> bytes:
 
 def format_attr_txt(image_files: list[str], attrs: np.ndarray) -> bytes:
     """list_attr_celeba.txt, byte-format identical to the official file."""
-    rows = [
-        f"{name} " + " ".join(f"{1 if v else -1:2d}" for v in row)
-        for name, row in zip(image_files, attrs)
-    ]
+    rows = [f"{name} " + " ".join(f"{1 if v else -1:2d}" for v in row) for name, row in zip(image_files, attrs)]
     return _crlf([str(len(image_files)), " ".join(CELEBA_ATTRIBUTES) + " ", *rows])
 
 

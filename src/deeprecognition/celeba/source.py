@@ -291,7 +291,10 @@ class _ZipReader(ImageReader):
         try:
             return self._zip.read(info)
         except (zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as err:
-            raise InputError(self.uri, f"cannot read {info.filename} ({err}); download the zip again, or unzip it and give the folder") from None
+            raise InputError(
+                self.uri,
+                f"cannot read {info.filename} ({err}); download the zip again, or unzip it and give the folder",
+            ) from None
 
     def close(self) -> None:
         self._zip.close()

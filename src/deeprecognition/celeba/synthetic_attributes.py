@@ -33,8 +33,16 @@ STATS_RESOURCE = "synthetic_stats.json"
 ROOT: tuple[str, ...] = ("Male", "Young")
 GROUPS: tuple[tuple[str, ...], ...] = (
     (
-        "Bald", "Bangs", "Black_Hair", "Blond_Hair", "Brown_Hair", "Gray_Hair",
-        "Receding_Hairline", "Straight_Hair", "Wavy_Hair", "Wearing_Hat",
+        "Bald",
+        "Bangs",
+        "Black_Hair",
+        "Blond_Hair",
+        "Brown_Hair",
+        "Gray_Hair",
+        "Receding_Hairline",
+        "Straight_Hair",
+        "Wavy_Hair",
+        "Wearing_Hat",
     ),
     ("No_Beard", "5_o_Clock_Shadow", "Goatee", "Mustache", "Sideburns"),
     ("Smiling", "High_Cheekbones", "Mouth_Slightly_Open", "Rosy_Cheeks", "Oval_Face"),
@@ -43,9 +51,26 @@ GROUPS: tuple[tuple[str, ...], ...] = (
 )
 # The visible features with |weight| > 0.4 in a real-data fit on all 39 others, plus Male.
 ATTRACTIVE_FEATURES: tuple[str, ...] = (
-    "Young", "Male", "Chubby", "Double_Chin", "Blurry", "Gray_Hair", "Bald", "Receding_Hairline",
-    "Eyeglasses", "Wearing_Hat", "Wearing_Lipstick", "Heavy_Makeup", "Smiling", "Pale_Skin",
-    "Oval_Face", "Pointy_Nose", "Big_Nose", "Mouth_Slightly_Open", "Narrow_Eyes", "Bushy_Eyebrows",
+    "Young",
+    "Male",
+    "Chubby",
+    "Double_Chin",
+    "Blurry",
+    "Gray_Hair",
+    "Bald",
+    "Receding_Hairline",
+    "Eyeglasses",
+    "Wearing_Hat",
+    "Wearing_Lipstick",
+    "Heavy_Makeup",
+    "Smiling",
+    "Pale_Skin",
+    "Oval_Face",
+    "Pointy_Nose",
+    "Big_Nose",
+    "Mouth_Slightly_Open",
+    "Narrow_Eyes",
+    "Bushy_Eyebrows",
 )
 CORRELATION_PAIRS: tuple[tuple[str, str], ...] = (("Male", "Heavy_Makeup"), ("Smiling", "High_Cheekbones"))
 MIN_PATTERN_COUNT = 20

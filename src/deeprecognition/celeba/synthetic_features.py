@@ -174,7 +174,12 @@ def draw_beard(draw: ImageDraw.ImageDraw, f: Face, rng: np.random.Generator) -> 
         draw.polygon(outer + [f.pt(*p) for p in inner], fill=colour)
     if a["Goatee"]:
         goatee = (
-            (-11, MOUTH_DY + 5), (11, MOUTH_DY + 5), (12, chin - 14), (6, chin + 1), (-6, chin + 1), (-12, chin - 14)
+            (-11, MOUTH_DY + 5),
+            (11, MOUTH_DY + 5),
+            (12, chin - 14),
+            (6, chin + 1),
+            (-6, chin + 1),
+            (-12, chin - 14),
         )
         draw.polygon([f.pt(*p) for p in goatee], fill=colour)
     if a["Mustache"]:

@@ -7,11 +7,11 @@ from typing import Any
 
 import torch
 
-from deeprecognition.errors import InputError
 from deeprecognition.classifier.loop import evaluate, majority_of
+from deeprecognition.classifier.trained import TrainedClassifier
+from deeprecognition.errors import InputError
 from deeprecognition.shards.loader import LoaderConfig, make_loader
 from deeprecognition.shards.manifest import read_manifest
-from deeprecognition.classifier.trained import TrainedClassifier
 
 
 def evaluate_checkpoint(checkpoint: str, data: str, split: str = "test", batch_size: int = 256) -> dict[str, Any]:
@@ -20,8 +20,15 @@ def evaluate_checkpoint(checkpoint: str, data: str, split: str = "test", batch_s
     attributes, cfg, folder = classifier.attributes, classifier.config, classifier.checkpoint
     manifest = read_manifest(data)
     if manifest.image.size != classifier.image_size:
-        raise InputError(data, f"holds {manifest.image.size} px images; {folder} was trained on {classifier.image_size} px: evaluate on a dataset packed at that size")
-    loader = make_loader(LoaderConfig(data=data, split=split, targets=attributes, training=False, batch_size=batch_size, num_workers=2), rank=0, world_size=1)
+        raise InputError(
+            data,
+            f"holds {manifest.image.size} px images; {folder} was trained on {classifier.image_size} px: evaluate on a dataset packed at that size",
+        )
+    loader = make_loader(
+        LoaderConfig(data=data, split=split, targets=attributes, training=False, batch_size=batch_size, num_workers=2),
+        rank=0,
+        world_size=1,
+    )
     # The floor belongs to the model: its own training split's majority answer, whatever DATA holds.
     majority = classifier.majority if classifier.majority is not None else majority_of(manifest, attributes)
     result = evaluate(classifier.model, classifier.norm, loader, attributes, majority, device)

@@ -19,7 +19,17 @@ from deeprecognition.shards.loader import Batch
 
 
 class FeatureCache:
-    def __init__(self, features: torch.Tensor, targets: torch.Tensor, keys: list[str], batch_size: int, training: bool, rank_quota: int, seed: int, rank: int) -> None:
+    def __init__(
+        self,
+        features: torch.Tensor,
+        targets: torch.Tensor,
+        keys: list[str],
+        batch_size: int,
+        training: bool,
+        rank_quota: int,
+        seed: int,
+        rank: int,
+    ) -> None:
         self.features = features  # (N, 2048) float32, this rank's share of the split
         self.targets = targets  # (N, T) uint8
         self.keys = keys
@@ -31,7 +41,17 @@ class FeatureCache:
 
     @classmethod
     @torch.no_grad()
-    def build(cls, model: nn.Module, norm: nn.Module, loader, device: torch.device, training: bool, world_size: int, seed: int, rank: int) -> FeatureCache:
+    def build(
+        cls,
+        model: nn.Module,
+        norm: nn.Module,
+        loader,
+        device: torch.device,
+        training: bool,
+        world_size: int,
+        seed: int,
+        rank: int,
+    ) -> FeatureCache:
         """One pass of the backbone over every image `loader` gives this rank (an evaluation loader:
         each image once across ranks)."""
         model.eval()

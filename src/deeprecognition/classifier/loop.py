@@ -17,14 +17,14 @@ import torch
 from torch import nn
 
 from deeprecognition import storage
-from deeprecognition.runs.background import BackgroundWriter
-from deeprecognition.config import ClassifierConfig, from_dict, to_dict
-from deeprecognition.runs.distributed import all_sum
 from deeprecognition.classifier.feature_cache import FeatureCache
+from deeprecognition.classifier.metrics import AttributeMetrics, majority_vector
+from deeprecognition.config import ClassifierConfig, from_dict, to_dict
+from deeprecognition.runs.background import BackgroundWriter
+from deeprecognition.runs.distributed import all_sum
+from deeprecognition.runs.report import RunLog
 from deeprecognition.runs.resume import apply_hyperparameters, seed_rank_streams
 from deeprecognition.runs.session import Session
-from deeprecognition.classifier.metrics import AttributeMetrics, majority_vector
-from deeprecognition.runs.report import RunLog
 from deeprecognition.shards.device_decode import images_on, require_cuda
 from deeprecognition.shards.loader import LoaderConfig, make_loader
 from deeprecognition.shards.manifest import Manifest, read_manifest
@@ -63,10 +63,26 @@ class InputNorm(nn.Module):
 
 
 def _loaders(cfg: ClassifierConfig, session: Session, attributes: tuple[str, ...]):
-    common = dict(data=cfg.data.data, targets=attributes, batch_size=cfg.data.batch_size, num_workers=cfg.data.loader_workers, seed=cfg.optim.seed,
-                  cache=cfg.data.cache, cache_gb=cfg.data.cache_gb, decode=cfg.data.decode)
-    train = make_loader(LoaderConfig(split="train", sampling=cfg.data.sampling, **common), session.rank, session.world_size, pin_memory=session.device.type == "cuda")
-    val, test = (make_loader(LoaderConfig(split=split, training=False, **common), session.rank, session.world_size) for split in ("val", "test"))
+    common = dict(
+        data=cfg.data.data,
+        targets=attributes,
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.loader_workers,
+        seed=cfg.optim.seed,
+        cache=cfg.data.cache,
+        cache_gb=cfg.data.cache_gb,
+        decode=cfg.data.decode,
+    )
+    train = make_loader(
+        LoaderConfig(split="train", sampling=cfg.data.sampling, **common),
+        session.rank,
+        session.world_size,
+        pin_memory=session.device.type == "cuda",
+    )
+    val, test = (
+        make_loader(LoaderConfig(split=split, training=False, **common), session.rank, session.world_size)
+        for split in ("val", "test")
+    )
     return train, val, test
 
 
@@ -80,7 +96,14 @@ def majority_of(manifest: Manifest, attributes: tuple[str, ...]) -> torch.Tensor
     return majority_vector(counts[[manifest.attributes.index(a) for a in attributes]], manifest.splits["train"].samples)
 
 
-def evaluate(model: nn.Module, norm: nn.Module, loader, attributes: tuple[str, ...], majority: torch.Tensor | None, device: torch.device) -> dict[str, Any]:
+def evaluate(
+    model: nn.Module,
+    norm: nn.Module,
+    loader,
+    attributes: tuple[str, ...],
+    majority: torch.Tensor | None,
+    device: torch.device,
+) -> dict[str, Any]:
     """Metrics over the whole split, summed over every rank: every rank calls it, with or without
     batches of its own. `model` is the plain module, never DDP's wrapper, whose first forward after
     training broadcasts buffers from rank 0, a collective that a rank without batches never joins."""
@@ -106,11 +129,24 @@ class EpochProgress:
     seen: int = 0
 
     def saved(self) -> dict[str, Any]:
-        return {"steps": self.steps, "loss_sum": float(self.loss_sum), "correct": float(self.correct), "seen": self.seen}
+        return {
+            "steps": self.steps,
+            "loss_sum": float(self.loss_sum),
+            "correct": float(self.correct),
+            "seen": self.seen,
+        }
 
 
-def _train_epoch(model, norm, loader, optimizer, cfg: ClassifierConfig, device: torch.device, progress: EpochProgress,
-                 after_step: Callable[[], None]) -> tuple[int, float]:
+def _train_epoch(
+    model,
+    norm,
+    loader,
+    optimizer,
+    cfg: ClassifierConfig,
+    device: torch.device,
+    progress: EpochProgress,
+    after_step: Callable[[], None],
+) -> tuple[int, float]:
     """Train one epoch from `progress.steps` on, updating `progress`; images trained and seconds."""
     model.train()
     loss_fn = nn.BCEWithLogitsLoss()
@@ -140,8 +176,17 @@ def _train_epoch(model, norm, loader, optimizer, cfg: ClassifierConfig, device: 
     return trained, time.perf_counter() - start
 
 
-def _state(cfg: ClassifierConfig, model: nn.Module, optimizer, epoch: int, step: int, attributes: tuple[str, ...], image_size: int,
-           majority: torch.Tensor, progress: EpochProgress | None = None) -> dict[str, Any]:
+def _state(
+    cfg: ClassifierConfig,
+    model: nn.Module,
+    optimizer,
+    epoch: int,
+    step: int,
+    attributes: tuple[str, ...],
+    image_size: int,
+    majority: torch.Tensor,
+    progress: EpochProgress | None = None,
+) -> dict[str, Any]:
     """`epoch` done (its `step` counts every step so far), or with `progress` only that far into it."""
     state = {
         "image_size": image_size,  # the model's input side: the CNN's dense layer depends on it
@@ -166,26 +211,50 @@ def _resume(cfg: ClassifierConfig, session: Session, model: nn.Module, optimizer
         return 0, 0, EpochProgress()
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
-    changed = apply_hyperparameters(optimizer, {"lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay}, "optimizer")
+    changed = apply_hyperparameters(
+        optimizer, {"lr": cfg.optim.lr, "weight_decay": cfg.optim.weight_decay}, "optimizer"
+    )
     # A mid-epoch checkpoint (written on a preemption notice) finishes its epoch; an epoch's own starts the next.
-    epoch, progress = (state["epoch"], EpochProgress(**state["epoch_progress"])) if "epoch_progress" in state else (state["epoch"] + 1, EpochProgress())
+    epoch, progress = (
+        (state["epoch"], EpochProgress(**state["epoch_progress"]))
+        if "epoch_progress" in state
+        else (state["epoch"] + 1, EpochProgress())
+    )
     if session.rank == 0:
-        print(f"resuming at epoch {epoch} after {progress.steps} of its steps ({state['step']} steps in all)"
-              + (f"; the config changes {', '.join(changed)}" if changed else ""), flush=True)
+        print(
+            f"resuming at epoch {epoch} after {progress.steps} of its steps ({state['step']} steps in all)"
+            + (f"; the config changes {', '.join(changed)}" if changed else ""),
+            flush=True,
+        )
     return epoch, state["step"], progress
 
 
-def _feature_caches(cfg: ClassifierConfig, session: Session, model: nn.Module, norm: nn.Module, attributes: tuple[str, ...]) -> list[FeatureCache]:
+def _feature_caches(
+    cfg: ClassifierConfig, session: Session, model: nn.Module, norm: nn.Module, attributes: tuple[str, ...]
+) -> list[FeatureCache]:
     """Train, val and test as cached backbone features (each image through the backbone once)."""
     caches = []
     for split, training in (("train", True), ("val", False), ("test", False)):
         loader = make_loader(
             # Decoded on the CPU whatever data.decode says: FeatureCache moves decoded images; each is read once.
-            LoaderConfig(data=cfg.data.data, split=split, targets=attributes, training=False, batch_size=cfg.data.batch_size, num_workers=cfg.data.loader_workers,
-                         cache=cfg.data.cache, cache_gb=cfg.data.cache_gb),
-            session.rank, session.world_size,
+            LoaderConfig(
+                data=cfg.data.data,
+                split=split,
+                targets=attributes,
+                training=False,
+                batch_size=cfg.data.batch_size,
+                num_workers=cfg.data.loader_workers,
+                cache=cfg.data.cache,
+                cache_gb=cfg.data.cache_gb,
+            ),
+            session.rank,
+            session.world_size,
         )
-        caches.append(FeatureCache.build(model, norm, loader, session.device, training, session.world_size, cfg.optim.seed, session.rank))
+        caches.append(
+            FeatureCache.build(
+                model, norm, loader, session.device, training, session.world_size, cfg.optim.seed, session.rank
+            )
+        )
     return caches
 
 
@@ -209,9 +278,13 @@ def _train(config: dict[str, Any], writer: BackgroundWriter) -> None:
     if session.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     norm = InputNorm(cfg.model.name).to(session.device)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    optimizer = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay
+    )
     start_epoch, step, resumed = _resume(cfg, session, model, optimizer)
-    seed_rank_streams(cfg.optim.seed, session.rank, step, session.device)  # each rank's own dropout masks (loops/resume.py)
+    seed_rank_streams(
+        cfg.optim.seed, session.rank, step, session.device
+    )  # each rank's own dropout masks (loops/resume.py)
     if uses_feature_cache(cfg):
         train, val, test_loader = _feature_caches(cfg, session, model, norm, attributes)
         plain, plain_norm = model.head, nn.Identity()
@@ -220,16 +293,24 @@ def _train(config: dict[str, Any], writer: BackgroundWriter) -> None:
         plain, plain_norm = model, norm
     runner = plain
     if session.world_size > 1:
-        runner = nn.parallel.DistributedDataParallel(plain, device_ids=[session.device.index] if session.device.type == "cuda" else None)
+        runner = nn.parallel.DistributedDataParallel(
+            plain, device_ids=[session.device.index] if session.device.type == "cuda" else None
+        )
     if cfg.optim.compile:
         runner = torch.compile(runner)
     majority = majority_of(manifest, attributes)
     log = RunLog(session.run_dir, to_dict(cfg), start_epoch, writer=writer) if session.rank == 0 else None
     every = cfg.scale.preemption_check_every
 
-    def checkpoint(metrics: dict[str, Any], epoch: int, at: int, progress: EpochProgress | None = None, background: bool = False) -> None:
+    def checkpoint(
+        metrics: dict[str, Any], epoch: int, at: int, progress: EpochProgress | None = None, background: bool = False
+    ) -> None:
         """Every rank reports; rank 0's state is the checkpoint (uploaded while training goes on with `background`)."""
-        state = _state(cfg, model, optimizer, epoch, at, attributes, manifest.image.size, majority, progress) if session.rank == 0 else None
+        state = (
+            _state(cfg, model, optimizer, epoch, at, attributes, manifest.image.size, majority, progress)
+            if session.rank == 0
+            else None
+        )
         session.report(metrics, state, background)
 
     for epoch in range(start_epoch, cfg.optim.epochs):
@@ -243,12 +324,20 @@ def _train(config: dict[str, Any], writer: BackgroundWriter) -> None:
             at = first + progress.steps
             seed_rank_streams(cfg.optim.seed, session.rank, at, session.device)
             if every and at % every == 0 and session.preemption_pending():
-                checkpoint({"epoch": epoch, "step": at, "world_size": session.world_size, "preemption_checkpoint": True}, epoch, at, progress)
+                checkpoint(
+                    {"epoch": epoch, "step": at, "world_size": session.world_size, "preemption_checkpoint": True},
+                    epoch,
+                    at,
+                    progress,
+                )
 
         trained, seconds = _train_epoch(runner, plain_norm, train, optimizer, cfg, session.device, progress, after_step)
         step = first + progress.steps
         result = evaluate(plain, plain_norm, val, attributes, majority, session.device)
-        loss, train_acc = float(progress.loss_sum) / max(progress.seen, 1), float(progress.correct) / max(progress.seen, 1)
+        loss, train_acc = (
+            float(progress.loss_sum) / max(progress.seen, 1),
+            float(progress.correct) / max(progress.seen, 1),
+        )
         metrics = {
             "epoch": epoch,
             "step": step,

@@ -31,7 +31,9 @@ def majority_vector(positives: Sequence[int], samples: int) -> Tensor:
 
 
 class AttributeMetrics:
-    def __init__(self, names: Sequence[str], majority: Tensor | None = None, device: torch.device | str = "cpu") -> None:
+    def __init__(
+        self, names: Sequence[str], majority: Tensor | None = None, device: torch.device | str = "cpu"
+    ) -> None:
         """Counts live on `device` from the start: a rank with nothing to count still hands a
         tensor on its own device to the all_reduce (NCCL refuses CPU tensors)."""
         self.names = tuple(names)
@@ -47,7 +49,9 @@ class AttributeMetrics:
         """Count one batch: logits (B, T), targets (B, T) in {0, 1} (uint8 or float)."""
         t = len(self.names)
         if logits.dim() != 2 or logits.shape[1] != t or targets.shape != logits.shape:
-            raise ValueError(f"expected logits and targets of shape (B, {t}), got {tuple(logits.shape)} and {tuple(targets.shape)}")
+            raise ValueError(
+                f"expected logits and targets of shape (B, {t}), got {tuple(logits.shape)} and {tuple(targets.shape)}"
+            )
         pred = logits.detach().to(self._counts.device) > 0  # (B, T)
         true = targets.detach().to(pred.device) != 0  # (B, T)
         if self.majority is not None:
@@ -72,7 +76,9 @@ class AttributeMetrics:
     def from_counts(cls, names: Sequence[str], counts: Tensor, majority: Tensor | None = None) -> AttributeMetrics:
         metrics = cls(names, majority)
         if counts.shape != metrics._counts.shape:
-            raise ValueError(f"expected {metrics._counts.numel()} counts for {len(metrics.names)} attributes, got {tuple(counts.shape)}")
+            raise ValueError(
+                f"expected {metrics._counts.numel()} counts for {len(metrics.names)} attributes, got {tuple(counts.shape)}"
+            )
         metrics._counts = counts.to(torch.int64).clone()
         return metrics
 
@@ -132,7 +138,9 @@ def format_report(metrics: dict, title: str) -> str:
         "|---|---:|---:|---:|",
     ]
     for name, acc in metrics["accuracy"].items():
-        lines.append(f"| {name} | {_pct(acc)} | {_pct(metrics['majority_baseline'][name])} | {_pct(metrics['balanced_accuracy'][name])} |")
+        lines.append(
+            f"| {name} | {_pct(acc)} | {_pct(metrics['majority_baseline'][name])} | {_pct(metrics['balanced_accuracy'][name])} |"
+        )
     lines.append(
         f"| **mean** | {_pct(metrics['mean_accuracy'])} | {_pct(metrics['mean_majority_baseline'])} "
         f"| {_pct(metrics['mean_balanced_accuracy'])} |"

@@ -9,11 +9,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deeprecognition.runs.catalog import best_checkpoint
-from deeprecognition.runs.checkpoint import load_state
+from deeprecognition.classifier.loop import InputNorm, build_model
 from deeprecognition.config import ClassifierConfig, apply_overrides, from_checkpoint
 from deeprecognition.errors import InputError
-from deeprecognition.classifier.loop import InputNorm, build_model
+from deeprecognition.runs.catalog import best_checkpoint
+from deeprecognition.runs.checkpoint import load_state
 
 
 @dataclass
@@ -33,7 +33,10 @@ class TrainedClassifier:
         folder = best_checkpoint(uri)
         state = load_state(folder)
         if "attributes" not in state or "image_size" not in state:
-            raise InputError(folder, "is not a classifier checkpoint (no attributes or image_size): give one written by `deeprec train classifier`")
+            raise InputError(
+                folder,
+                "is not a classifier checkpoint (no attributes or image_size): give one written by `deeprec train classifier`",
+            )
         # The weights come from the checkpoint: never look for ImageNet weights here.
         cfg = apply_overrides(from_checkpoint(ClassifierConfig, state["config"]), ["model.weights=none"])
         attributes = tuple(state["attributes"])
@@ -55,7 +58,9 @@ class TrainedClassifier:
         """uint8 (B, 3, H, W) on any device -> normalised floats at the classifier's own size."""
         x = self.norm(images.to(self.device, non_blocking=True))
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False)
+            x = F.interpolate(
+                x, size=(self.image_size, self.image_size), mode="bilinear", antialias=True, align_corners=False
+            )
         return x
 
     @torch.no_grad()
@@ -72,7 +77,9 @@ class TrainedClassifier:
         """Which output is `name`; "" means the classifier's only attribute."""
         if not name:
             if len(self.attributes) != 1:
-                raise ValueError(f"{self.checkpoint} scores {len(self.attributes)} attributes: name one ({', '.join(self.attributes)})")
+                raise ValueError(
+                    f"{self.checkpoint} scores {len(self.attributes)} attributes: name one ({', '.join(self.attributes)})"
+                )
             return 0
         if name not in self.attributes:
             raise ValueError(f"{self.checkpoint} does not score {name!r}; it scores {', '.join(self.attributes)}")

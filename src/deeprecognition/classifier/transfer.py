@@ -138,7 +138,9 @@ def load_backbone_weights(spec: str) -> dict[str, Tensor] | None:
     try:
         data = storage.read_bytes(uri)
     except FileNotFoundError:
-        raise InputError(uri, "no such weights file; pass a torchvision resnet50 .pth, --weights imagenet or --weights none") from None
+        raise InputError(
+            uri, "no such weights file; pass a torchvision resnet50 .pth, --weights imagenet or --weights none"
+        ) from None
     return resnet50_backbone_state(uri, data)
 
 
@@ -157,7 +159,11 @@ def resnet50_backbone_state(uri: str, data: bytes) -> dict[str, Tensor]:
     missing = sorted(k for k in expected.keys() - state.keys() if not k.endswith("num_batches_tracked"))
     unexpected = sorted(state.keys() - expected.keys())
     wrong = sorted(k for k in expected.keys() & state.keys() if tuple(state[k].shape) != expected[k])
-    problems = [_summary(label, keys) for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)) if keys]
+    problems = [
+        _summary(label, keys)
+        for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong))
+        if keys
+    ]
     if problems:
         raise InputError(uri, f"not a torchvision resnet50 state dict: {'; '.join(problems)}")
     return state

@@ -9,14 +9,16 @@ from dataclasses import dataclass
 
 import torch
 
+from deeprecognition.classifier.trained import TrainedClassifier
 from deeprecognition.config import GanConfig
 from deeprecognition.runs.distributed import gather_sizes
 from deeprecognition.shards.device_decode import images_on, require_cuda
 from deeprecognition.shards.loader import Batch, LoaderConfig, ShardStream, make_loader, parse_where
-from deeprecognition.classifier.trained import TrainedClassifier
 
 
-def judged_positive(batches: Iterable[Batch], classifier: TrainedClassifier, attribute: str, threshold: float, batch_size: int) -> Iterator[Batch]:
+def judged_positive(
+    batches: Iterable[Batch], classifier: TrainedClassifier, attribute: str, threshold: float, batch_size: int
+) -> Iterator[Batch]:
     """Batches of `batch_size` faces that `classifier` scores >= threshold on `attribute`, in
     stream order; the remainder of a finite stream comes last as a shorter batch."""
     index = classifier.attribute_index(attribute)
@@ -53,9 +55,17 @@ def real_batches(cfg: GanConfig, rank: int, world_size: int, device: torch.devic
     """An endless stream of this rank's real uint8 batches on `device`, all of exactly data.batch_size faces."""
     require_cuda(cfg.data.decode, device)
     config = LoaderConfig(
-        data=cfg.data.data, split="train", targets=(), where=parse_where(cfg.data.where), batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.loader_workers, sampling=cfg.data.sampling, seed=cfg.optim.seed,
-        cache=cfg.data.cache, cache_gb=cfg.data.cache_gb, decode=cfg.data.decode,
+        data=cfg.data.data,
+        split="train",
+        targets=(),
+        where=parse_where(cfg.data.where),
+        batch_size=cfg.data.batch_size,
+        num_workers=cfg.data.loader_workers,
+        sampling=cfg.data.sampling,
+        seed=cfg.optim.seed,
+        cache=cfg.data.cache,
+        cache_gb=cfg.data.cache_gb,
+        decode=cfg.data.decode,
     )
     loader = make_loader(config, rank, world_size, pin_memory=device.type == "cuda")
 
@@ -83,7 +93,9 @@ class RealShare:
     total: int  # faces in the whole set, every rank's together
 
 
-def reference_faces(cfg: GanConfig, n: int, device: torch.device, rank: int = 0, world_size: int = 1, targets: tuple[str, ...] = ()) -> RealShare:
+def reference_faces(
+    cfg: GanConfig, n: int, device: torch.device, rank: int = 0, world_size: int = 1, targets: tuple[str, ...] = ()
+) -> RealShare:
     """This rank's share of the `n` real faces FID compares generated ones with (see RealShare).
 
     The filtered split is read in waves: each rank takes one of `world_size` consecutive chunks of
@@ -94,9 +106,22 @@ def reference_faces(cfg: GanConfig, n: int, device: torch.device, rank: int = 0,
     training faces are (data.decode), except on a device without CUDA (`deeprec evaluate-gan` of a
     GPU run on a laptop), where the CPU decodes them."""
     decode = cfg.data.decode if device.type == "cuda" else "cpu"
-    stream = ShardStream(LoaderConfig(data=cfg.data.data, split="train", targets=targets, where=parse_where(cfg.data.where), training=False, batch_size=256, num_workers=0,
-                                      cache=cfg.data.cache, cache_gb=cfg.data.cache_gb, decode=decode),
-                         rank=rank, world_size=world_size)
+    stream = ShardStream(
+        LoaderConfig(
+            data=cfg.data.data,
+            split="train",
+            targets=targets,
+            where=parse_where(cfg.data.where),
+            training=False,
+            batch_size=256,
+            num_workers=0,
+            cache=cfg.data.cache,
+            cache_gb=cfg.data.cache_gb,
+            decode=decode,
+        ),
+        rank=rank,
+        world_size=world_size,
+    )
     judge = TrainedClassifier.load(cfg.data.where_classifier, device) if cfg.data.where_classifier else None
     chunk, found, start = math.ceil(n / world_size), 0, 0
     kept: list[Batch] = []
@@ -104,18 +129,40 @@ def reference_faces(cfg: GanConfig, n: int, device: torch.device, rank: int = 0,
     while found < n and start < len(stream.rows):
         mine = stream.rows[start + rank * chunk : start + (rank + 1) * chunk]
         start += chunk * world_size
-        passed = _joined(stream, judged_positive(_read(stream, mine, device), judge, cfg.data.classifier_attribute, cfg.data.threshold, 256)) if judge else None
+        passed = (
+            _joined(
+                stream,
+                judged_positive(
+                    _read(stream, mine, device), judge, cfg.data.classifier_attribute, cfg.data.threshold, 256
+                ),
+            )
+            if judge
+            else None
+        )
         counts = gather_sizes(len(mine) if passed is None else len(passed.keys), device)
         offset = found + sum(counts[:rank])
         take = max(0, min(counts[rank], n - offset))
         found += sum(counts)
         if take:
-            kept.append(_joined(stream, _read(stream, mine[:take], device)) if passed is None else Batch(*(field[:take] for field in passed)))
+            kept.append(
+                _joined(stream, _read(stream, mine[:take], device))
+                if passed is None
+                else Batch(*(field[:take] for field in passed))
+            )
             positions.append(torch.arange(offset, offset + take))
     if not found:
-        raise ValueError(f"no training faces in {cfg.data.data} match where={cfg.data.where!r}" + (" and the classifier filter" if judge else ""))
+        raise ValueError(
+            f"no training faces in {cfg.data.data} match where={cfg.data.where!r}"
+            + (" and the classifier filter" if judge else "")
+        )
     share = _joined(stream, kept)
-    return RealShare(share.images, share.targets, share.keys, torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64), min(n, found))
+    return RealShare(
+        share.images,
+        share.targets,
+        share.keys,
+        torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64),
+        min(n, found),
+    )
 
 
 def _read(stream: ShardStream, rows, device: torch.device) -> Iterator[Batch]:
@@ -127,5 +174,13 @@ def _joined(stream: ShardStream, batches: Iterable[Batch]) -> Batch:
     batches = list(batches)
     if not batches:
         side = stream.size
-        return Batch(torch.zeros((0, 3, side, side), dtype=torch.uint8), torch.zeros((0, len(stream.target_idx)), dtype=torch.uint8), [])
-    return Batch(torch.cat([b.images for b in batches]), torch.cat([b.targets for b in batches]), [k for b in batches for k in b.keys])
+        return Batch(
+            torch.zeros((0, 3, side, side), dtype=torch.uint8),
+            torch.zeros((0, len(stream.target_idx)), dtype=torch.uint8),
+            [],
+        )
+    return Batch(
+        torch.cat([b.images for b in batches]),
+        torch.cat([b.targets for b in batches]),
+        [k for b in batches for k in b.keys],
+    )

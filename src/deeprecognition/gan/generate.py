@@ -11,11 +11,11 @@ import torch
 from torch import Tensor, nn
 
 from deeprecognition import storage
-from deeprecognition.runs.catalog import best_checkpoint
-from deeprecognition.runs.checkpoint import load_state
 from deeprecognition.config import GanConfig, from_checkpoint
 from deeprecognition.errors import InputError
 from deeprecognition.gan.models import build_gan, draws_with_ema, to_uint8
+from deeprecognition.runs.catalog import best_checkpoint
+from deeprecognition.runs.checkpoint import load_state
 
 
 def grid_png(images: Tensor, labels: list[str] | None = None) -> bytes:
@@ -54,13 +54,17 @@ def contact_sheet_png(mosaics: dict[int, bytes], tile_size: int = 256) -> bytes:
 
     tiles = []
     for it in sorted(mosaics):
-        picture = Image.open(io.BytesIO(mosaics[it])).convert("RGB").resize((tile_size, tile_size), Image.Resampling.LANCZOS)
+        picture = (
+            Image.open(io.BytesIO(mosaics[it])).convert("RGB").resize((tile_size, tile_size), Image.Resampling.LANCZOS)
+        )
         tiles.append(torch.from_numpy(np.array(picture)).permute(2, 0, 1))
     return grid_png(torch.stack(tiles), [f"iter {it}" for it in sorted(mosaics)])
 
 
 @torch.no_grad()
-def draw_faces(generator: nn.Module, latent: int, n: int, seed: int, part: slice = slice(None), batch_size: int = 250) -> Tensor:
+def draw_faces(
+    generator: nn.Module, latent: int, n: int, seed: int, part: slice = slice(None), batch_size: int = 250
+) -> Tensor:
     """(n, 3, S, S) uint8 faces from seeded latents: the same seed gives the same faces. `part`: only
     those of the n (a rank's share), the same faces as in the whole set."""
     latents = torch.randn(n, latent, generator=torch.Generator().manual_seed(seed))[part]
@@ -79,24 +83,32 @@ class TrainedGan:
     fixed_latents: Tensor  # the run's mosaic latents
 
     @classmethod
-    def load(cls, uri: str, ema: bool | None = None, device: torch.device | str = "cpu", latest: bool = False) -> TrainedGan:
+    def load(
+        cls, uri: str, ema: bool | None = None, device: torch.device | str = "cpu", latest: bool = False
+    ) -> TrainedGan:
         """A checkpoint folder, or a run folder's best checkpoint (catalog's ranking: the lowest FID
         once measured, else the latest) or with `latest` its latest; plain data only (weights_only).
         ema=None draws as the run's mosaics did: the EMA generator for dcgan, G for the study's."""
         folder = best_checkpoint(uri, latest)
         state = load_state(folder)
         if "G" not in state or "image_size" not in state:
-            raise InputError(folder, "is not a GAN checkpoint (no G or image_size): give one written by `deeprec train gan`")
+            raise InputError(
+                folder, "is not a GAN checkpoint (no G or image_size): give one written by `deeprec train gan`"
+            )
         cfg = from_checkpoint(GanConfig, state["config"])
         generator, _ = build_gan(cfg.model.arch, cfg.model.latent, state["image_size"], cfg.model.width)
         generator.load_state_dict(state["ema" if (draws_with_ema(cfg.model.arch) if ema is None else ema) else "G"])
-        return cls(generator.to(device).eval(), cfg, state["iteration"], state["image_size"], folder, state["fixed_latents"])
+        return cls(
+            generator.to(device).eval(), cfg, state["iteration"], state["image_size"], folder, state["fixed_latents"]
+        )
 
     def faces(self, n: int, seed: int = 0) -> Tensor:
         return draw_faces(self.generator, self.config.model.latent, n, seed)
 
 
-def generate_grid(checkpoint: str, out: str, n: int = 36, seed: int = 0, ema: bool | None = None, latest: bool = False) -> TrainedGan:
+def generate_grid(
+    checkpoint: str, out: str, n: int = 36, seed: int = 0, ema: bool | None = None, latest: bool = False
+) -> TrainedGan:
     """Write a grid of `n` generated faces to `out` (local or s3://); returns the loaded GAN (a
     run's best checkpoint, or with `latest` its latest)."""
     if n < 1:

@@ -17,15 +17,26 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from deeprecognition import storage
+from deeprecognition.config import GanConfig, from_dict, to_dict
+from deeprecognition.gan.data import real_batches
+from deeprecognition.gan.generate import contact_sheet_png, evenly_spaced, grid_png
+from deeprecognition.gan.models import (
+    build_gan,
+    d_loss,
+    draws_with_ema,
+    ema_copy,
+    ema_decay_at,
+    g_loss,
+    standing_statistics,
+    to_tanh_range,
+    to_uint8,
+    update_ema,
+)
 from deeprecognition.runs.background import BackgroundWriter
 from deeprecognition.runs.catalog import with_ray_score
-from deeprecognition.config import GanConfig, from_dict, to_dict
-from deeprecognition.gan.generate import contact_sheet_png, evenly_spaced, grid_png
-from deeprecognition.gan.data import real_batches
+from deeprecognition.runs.report import RunLog
 from deeprecognition.runs.resume import apply_hyperparameters, seed_rank_streams, stream_seed
 from deeprecognition.runs.session import Session
-from deeprecognition.gan.models import build_gan, d_loss, draws_with_ema, ema_copy, ema_decay_at, g_loss, standing_statistics, to_tanh_range, to_uint8, update_ema
-from deeprecognition.runs.report import RunLog
 from deeprecognition.shards.manifest import read_manifest
 
 MOSAIC = 36  # the study's 6x6 grid
@@ -45,8 +56,13 @@ class GanNets:
     opt_d: torch.optim.Optimizer
 
     def state(self) -> dict[str, Any]:
-        return {"G": _unwrap(self.G).state_dict(), "D": _unwrap(self.D).state_dict(), "ema": self.ema.state_dict(),
-                "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict()}
+        return {
+            "G": _unwrap(self.G).state_dict(),
+            "D": _unwrap(self.D).state_dict(),
+            "ema": self.ema.state_dict(),
+            "opt_g": self.opt_g.state_dict(),
+            "opt_d": self.opt_d.state_dict(),
+        }
 
 
 def _optimizer(cfg: GanConfig, params, lr: float) -> torch.optim.Optimizer:
@@ -87,7 +103,9 @@ def gan_step(cfg: GanConfig, nets: GanNets, real: Tensor, noise: torch.Generator
     # (2) Update G through D's plain module, D frozen: only G's gradients exist, and only G syncs
     plain_d.requires_grad_(False)
     with autocast:
-        loss_g = g_loss(plain_d(G(torch.randn(batch, cfg.model.latent, device=device, generator=noise))).float(), cfg.model.loss)
+        loss_g = g_loss(
+            plain_d(G(torch.randn(batch, cfg.model.latent, device=device, generator=noise))).float(), cfg.model.loss
+        )
     nets.opt_g.zero_grad(set_to_none=True)
     loss_g.backward()
     plain_d.requires_grad_(True)
@@ -103,7 +121,13 @@ def make_nets(cfg: GanConfig, image_size: int, device: torch.device) -> GanNets:
     G, D = (m.to(device) for m in build_gan(cfg.model.arch, cfg.model.latent, image_size, cfg.model.width))
     if device.type == "cuda":  # the images arrive channels_last; convolutions are faster so
         G, D = (m.to(memory_format=torch.channels_last) for m in (G, D))
-    return GanNets(G, D, ema_copy(G), _optimizer(cfg, G.parameters(), cfg.optim.lr_g), _optimizer(cfg, D.parameters(), cfg.optim.lr_d))
+    return GanNets(
+        G,
+        D,
+        ema_copy(G),
+        _optimizer(cfg, G.parameters(), cfg.optim.lr_g),
+        _optimizer(cfg, D.parameters(), cfg.optim.lr_d),
+    )
 
 
 def _build(cfg: GanConfig, session: Session, image_size: int) -> tuple[GanNets, int, Tensor]:
@@ -115,10 +139,15 @@ def _build(cfg: GanConfig, session: Session, image_size: int) -> tuple[GanNets, 
     if state is not None:
         for key in ("G", "D", "ema", "opt_g", "opt_d"):
             getattr(nets, key).load_state_dict(state[key])
-        changed = apply_hyperparameters(nets.opt_g, _hyperparameters(cfg, cfg.optim.lr_g), "G") + apply_hyperparameters(nets.opt_d, _hyperparameters(cfg, cfg.optim.lr_d), "D")
+        changed = apply_hyperparameters(nets.opt_g, _hyperparameters(cfg, cfg.optim.lr_g), "G") + apply_hyperparameters(
+            nets.opt_d, _hyperparameters(cfg, cfg.optim.lr_d), "D"
+        )
         start, fixed = state["iteration"], state["fixed_latents"]
         if session.rank == 0:
-            print(f"resuming from iteration {start}" + (f"; the config changes {', '.join(changed)}" if changed else ""), flush=True)
+            print(
+                f"resuming from iteration {start}" + (f"; the config changes {', '.join(changed)}" if changed else ""),
+                flush=True,
+            )
     if session.world_size > 1:
         ids = [session.device.index] if session.device.type == "cuda" else None
         nets.G, nets.D = (nn.parallel.DistributedDataParallel(m, device_ids=ids) for m in (nets.G, nets.D))
@@ -156,9 +185,9 @@ class _Evaluation:
     """FID/KID and attribute rates every schedule.eval_every iterations, by every rank together."""
 
     def __init__(self, cfg: GanConfig, session: Session) -> None:
-        from deeprecognition.gan.metrics import GanEvaluator, pick_extractor
-        from deeprecognition.gan.data import reference_faces
         from deeprecognition.classifier.trained import TrainedClassifier
+        from deeprecognition.gan.data import reference_faces
+        from deeprecognition.gan.metrics import GanEvaluator, pick_extractor
 
         classifier = TrainedClassifier.load(cfg.eval.classifier, session.device) if cfg.eval.classifier else None
         extractor = pick_extractor(cfg.eval.inception_weights, classifier, session.device)
@@ -166,7 +195,10 @@ class _Evaluation:
         self.evaluator = GanEvaluator(extractor, real, classifier)
         self.samples, self.latent = cfg.eval.samples, cfg.model.latent
         if session.rank == 0:
-            print(f"evaluating every {cfg.schedule.eval_every} iterations on {real.total} real faces ({session.world_size} rank(s)); features: {extractor.name}", flush=True)
+            print(
+                f"evaluating every {cfg.schedule.eval_every} iterations on {real.total} real faces ({session.world_size} rank(s)); features: {extractor.name}",
+                flush=True,
+            )
 
     def __call__(self, painter: nn.Module) -> dict[str, float]:
         """What goes into metrics.jsonl, TensorBoard and the reports Tune's schedulers see."""
@@ -266,16 +298,30 @@ def _train(config: dict[str, Any], writer: BackgroundWriter) -> None:
         if checkpoint_now:
             metrics["ranks_in_sync"] = ranks_in_sync([nets.G, nets.D, nets.ema], session)
             if not metrics["ranks_in_sync"]:
-                raise RuntimeError(f"iteration {iteration}: the ranks' G/D/EMA weights differ; DDP lost sync, not checkpointing a diverged model")
+                raise RuntimeError(
+                    f"iteration {iteration}: the ranks' G/D/EMA weights differ; DDP lost sync, not checkpointing a diverged model"
+                )
         if log is not None:
             log.log(metrics, flush=checkpoint_now or eval_now)
             if checkpoint_now or eval_now:
                 print(_progress_line(metrics, total), flush=True)
         if checkpoint_now or eval_now:  # every rank reports together; Tune's schedulers see the metrics
             # bf16 autocast needs no gradient scaler, so there is no scaler state to keep.
-            state = {**nets.state(), "iteration": iteration, "step": iteration, "image_size": image_size, "fixed_latents": fixed,
-                     "config": to_dict(cfg)} if checkpoint_now and rank0 else None
+            state = (
+                {
+                    **nets.state(),
+                    "iteration": iteration,
+                    "step": iteration,
+                    "image_size": image_size,
+                    "fixed_latents": fixed,
+                    "config": to_dict(cfg),
+                }
+                if checkpoint_now and rank0
+                else None
+            )
             # The last and preemption checkpoints are in storage when this returns; the others upload while training goes on.
-            session.report(with_ray_score(metrics) if checkpoint_now else metrics, state, background=not (last or preempted))
+            session.report(
+                with_ray_score(metrics) if checkpoint_now else metrics, state, background=not (last or preempted)
+            )
     if log is not None and metrics:  # nothing to finish when the run was already at --iterations
         _finish(session, log, metrics)

@@ -20,12 +20,12 @@ import torch
 from torch import Tensor, nn
 
 from deeprecognition import storage
-from deeprecognition.runs.distributed import all_gather_rows, all_sum, world
-from deeprecognition.errors import InputError
-from deeprecognition.gan.generate import draw_faces
-from deeprecognition.gan.data import RealShare, reference_faces
-from deeprecognition.shards.sampling import part_bounds
 from deeprecognition.classifier.trained import TrainedClassifier
+from deeprecognition.errors import InputError
+from deeprecognition.gan.data import RealShare, reference_faces
+from deeprecognition.gan.generate import draw_faces
+from deeprecognition.runs.distributed import all_gather_rows, all_sum, world
+from deeprecognition.shards.sampling import part_bounds
 
 # The FID Inception weights torch-fidelity (and torchmetrics) would download.
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -52,7 +52,10 @@ def cached_inception_weights() -> str:
 def _local_weights(uri: str) -> str:
     if not storage.is_remote(uri):
         if not os.path.exists(uri):
-            raise InputError(uri, f"no such Inception weights file: give the path of {INCEPTION_FILE} (torch-fidelity's FID Inception)")
+            raise InputError(
+                uri,
+                f"no such Inception weights file: give the path of {INCEPTION_FILE} (torch-fidelity's FID Inception)",
+            )
         return uri
     local = os.path.join(tempfile.mkdtemp(prefix="deeprec-inception-"), os.path.basename(uri))
     with open(local, "wb") as f:
@@ -68,8 +71,12 @@ def inception_extractor(weights: str, device: torch.device) -> FeatureExtractor:
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - the unpickler's refusal comes in several types
         raise InputError(weights, f"refused: not a plain-data weights file ({type(err).__name__})") from None
-    net = NoTrainInceptionV3(name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=path).to(device)
-    return FeatureExtractor("inception-v3 pool3 (FID weights)", lambda images: net(images.to(device)).float(), 2048, device)
+    net = NoTrainInceptionV3(
+        name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=path
+    ).to(device)
+    return FeatureExtractor(
+        "inception-v3 pool3 (FID weights)", lambda images: net(images.to(device)).float(), 2048, device
+    )
 
 
 def classifier_extractor(classifier: TrainedClassifier) -> FeatureExtractor:
@@ -77,12 +84,16 @@ def classifier_extractor(classifier: TrainedClassifier) -> FeatureExtractor:
     return FeatureExtractor(name, classifier.penultimate, classifier.penultimate_dim, classifier.device)
 
 
-def pick_extractor(inception_weights: str, classifier: TrainedClassifier | None, device: torch.device) -> FeatureExtractor:
+def pick_extractor(
+    inception_weights: str, classifier: TrainedClassifier | None, device: torch.device
+) -> FeatureExtractor:
     weights = inception_weights or cached_inception_weights()
     if weights:
         return inception_extractor(weights, device)
     if classifier is None:
-        raise ValueError(f"FID needs features: give --inception-weights ({INCEPTION_FILE}) or --classifier (a trained classifier checkpoint)")
+        raise ValueError(
+            f"FID needs features: give --inception-weights ({INCEPTION_FILE}) or --classifier (a trained classifier checkpoint)"
+        )
     return classifier_extractor(classifier)
 
 
@@ -112,7 +123,10 @@ def kernel_distance(real: Tensor, fake: Tensor, subsets: int = 50, seed: int = 0
 
     size = min(1000, max(2, min(len(real), len(fake)) // 2))
     draw = torch.Generator().manual_seed(seed)
-    picks = [(torch.randperm(len(real), generator=draw)[:size], torch.randperm(len(fake), generator=draw)[:size]) for _ in range(subsets)]
+    picks = [
+        (torch.randperm(len(real), generator=draw)[:size], torch.randperm(len(fake), generator=draw)[:size])
+        for _ in range(subsets)
+    ]
     rank, ranks = world()
     scores = torch.zeros(subsets, dtype=torch.float64, device=real.device)
     for i in range(rank, subsets, ranks):
@@ -129,7 +143,13 @@ class GanEvaluator:
     out. Every rank calls it at the same points and gets the same numbers, which equal those of
     one process evaluating the same sets (`deeprec evaluate-gan`)."""
 
-    def __init__(self, extractor: FeatureExtractor, real: RealShare, classifier: TrainedClassifier | None = None, batch_size: int = 250) -> None:
+    def __init__(
+        self,
+        extractor: FeatureExtractor,
+        real: RealShare,
+        classifier: TrainedClassifier | None = None,
+        batch_size: int = 250,
+    ) -> None:
         if real.total < 2:
             raise ValueError(f"FID needs at least 2 real faces, got {real.total}")
         self.extractor, self.classifier, self.batch_size = extractor, classifier, batch_size
@@ -179,8 +199,16 @@ class GanEvaluator:
         }
 
 
-def evaluate_gan(checkpoint: str, data: str = "", classifier: str = "", inception_weights: str = "", samples: int = 1000, seed: int = EVAL_SEED,
-                 ema: bool | None = None, latest: bool = False) -> dict[str, Any]:
+def evaluate_gan(
+    checkpoint: str,
+    data: str = "",
+    classifier: str = "",
+    inception_weights: str = "",
+    samples: int = 1000,
+    seed: int = EVAL_SEED,
+    ema: bool | None = None,
+    latest: bool = False,
+) -> dict[str, Any]:
     """`deeprec evaluate-gan`: a GAN checkpoint's faces against the real faces it learned from
     (its run's --where and classifier filters, on DATA or the run's own dataset). With the
     defaults it repeats the run's own evaluation of that checkpoint: same real faces, same latents."""
@@ -194,6 +222,8 @@ def evaluate_gan(checkpoint: str, data: str = "", classifier: str = "", inceptio
     if data:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data=data))
     judge = TrainedClassifier.load(classifier, device) if classifier else None
-    evaluator = GanEvaluator(pick_extractor(inception_weights, judge, device), reference_faces(cfg, samples, device), judge)
+    evaluator = GanEvaluator(
+        pick_extractor(inception_weights, judge, device), reference_faces(cfg, samples, device), judge
+    )
     result = evaluator(gan.generator, cfg.model.latent, samples, seed)
     return {**result, "checkpoint": gan.checkpoint, "iteration": gan.iteration, "where": cfg.data.where}

@@ -47,15 +47,19 @@ class PaperGenerator(nn.Module):
         self.latent = latent
         self.dense = nn.Sequential(nn.Linear(latent, 128 * 16 * 16), _lrelu())  # (B, 128*16*16)
         self.body = nn.Sequential(
-            nn.Conv2d(128, 256, 5, padding=2), _lrelu(),  # (B, 256, 16, 16)
+            nn.Conv2d(128, 256, 5, padding=2),
+            _lrelu(),  # (B, 256, 16, 16)
             *(
                 layer
                 for _ in range(ups)  # each: (B, 256, s, s) -> (B, 256, 2s, 2s)
                 for layer in (nn.ConvTranspose2d(256, 256, 4, stride=2, padding=1), _lrelu())
             ),  # (B, 256, S, S)
-            nn.Conv2d(256, 512, 5, padding=2), _lrelu(),  # (B, 512, S, S)
-            nn.Conv2d(512, 512, 5, padding=2), _lrelu(),  # (B, 512, S, S)
-            nn.Conv2d(512, 3, 7, padding=3), nn.Tanh(),  # (B, 3, S, S) in [-1, 1]
+            nn.Conv2d(256, 512, 5, padding=2),
+            _lrelu(),  # (B, 512, S, S)
+            nn.Conv2d(512, 512, 5, padding=2),
+            _lrelu(),  # (B, 512, S, S)
+            nn.Conv2d(512, 3, 7, padding=3),
+            nn.Tanh(),  # (B, 3, S, S) in [-1, 1]
         )
 
     def forward(self, z: Tensor) -> Tensor:
@@ -72,7 +76,8 @@ class PaperDiscriminator(nn.Module):
         _check_size(image_size)
         side = image_size // 16
         self.net = nn.Sequential(
-            nn.Conv2d(3, 256, 3, padding=1), _lrelu(),  # (B, 256, S, S)
+            nn.Conv2d(3, 256, 3, padding=1),
+            _lrelu(),  # (B, 256, S, S)
             *(
                 layer
                 for _ in range(4)  # each: (B, 256, s, s) -> (B, 256, s/2, s/2)
@@ -182,9 +187,9 @@ def d_loss(
 
     real_target = 1 - noise(real_logits)
     fake_target = noise(fake_logits)
-    return F.binary_cross_entropy_with_logits(
-        real_logits, real_target
-    ) + F.binary_cross_entropy_with_logits(fake_logits, fake_target)
+    return F.binary_cross_entropy_with_logits(real_logits, real_target) + F.binary_cross_entropy_with_logits(
+        fake_logits, fake_target
+    )
 
 
 def g_loss(fake_logits: Tensor, loss: str) -> Tensor:
@@ -226,7 +231,9 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float = 0.999) -> None:
 
 
 @torch.no_grad()
-def standing_statistics(generator: nn.Module, latent: int, samples: int = 512, batch_size: int = 64, seed: int = 0) -> None:
+def standing_statistics(
+    generator: nn.Module, latent: int, samples: int = 512, batch_size: int = 64, seed: int = 0
+) -> None:
     """Recompute a generator's BatchNorm running statistics for its own weights (BigGAN's "standing
     statistics"): the EMA generator's were copied from G, measured on activations of other weights.
     The average over `samples` seeded latents, so that every rank computes the same ones; the

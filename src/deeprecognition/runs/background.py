@@ -67,7 +67,9 @@ class BackgroundWriter:
     def _raise_failure(self) -> None:
         if self._failed is not None:
             what, error = self._failed
-            raise BackgroundWriteError(f"rank 0's background write of {what} failed: {type(error).__name__}: {error}") from error
+            raise BackgroundWriteError(
+                f"rank 0's background write of {what} failed: {type(error).__name__}: {error}"
+            ) from error
 
     def _run(self) -> None:
         while (item := self._jobs.get()) is not None:

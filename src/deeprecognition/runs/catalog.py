@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from deeprecognition import storage
-from deeprecognition.runs.checkpoint import CHECKSUMS, METRICS, STATE, incomplete_reason, read_checksums
 from deeprecognition.config import ClassifierConfig, GanConfig
 from deeprecognition.errors import InputError
+from deeprecognition.runs.checkpoint import CHECKSUMS, METRICS, STATE, incomplete_reason, read_checksums
 
 if TYPE_CHECKING:
     from ray.train import CheckpointConfig
@@ -49,7 +49,9 @@ class CheckpointInfo:
         """Larger is later: the step (both loops report it), else the iteration or epoch, then the
         numbers in the name, compared as numbers (checkpoint_1000000 after checkpoint_999999,
         which string order puts first; Ray's timestamped names order the same way)."""
-        step = next((self.metrics[k] for k in ("step", "iteration", "epoch") if _number(self.metrics.get(k)) is not None), -1)
+        step = next(
+            (self.metrics[k] for k in ("step", "iteration", "epoch") if _number(self.metrics.get(k)) is not None), -1
+        )
         return (float(step), tuple(int(digits) for digits in re.findall(r"\d+", self.name)))
 
 
@@ -131,7 +133,9 @@ def ray_checkpoint_config(cfg: ClassifierConfig | GanConfig) -> CheckpointConfig
 
     keep = cfg.scale.keep_checkpoints
     if isinstance(cfg, ClassifierConfig):
-        return CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=VAL_ACCURACY.metric, checkpoint_score_order="max")
+        return CheckpointConfig(
+            num_to_keep=keep, checkpoint_score_attribute=VAL_ACCURACY.metric, checkpoint_score_order="max"
+        )
     if cfg.schedule.eval_every:
         return CheckpointConfig(num_to_keep=keep, checkpoint_score_attribute=RAY_SCORE, checkpoint_score_order="max")
     return CheckpointConfig(num_to_keep=keep)  # never an FID: by recency, as LATEST
@@ -182,7 +186,11 @@ def incomplete_checkpoints(uri: str, objects: dict[str, storage.ObjectInfo]) -> 
 
     def why(folder: str) -> str | None:
         prefix = f"{folder}/" if folder else ""
-        files = {rel[len(prefix) :]: o.size for rel, o in objects.items() if rel.startswith(prefix) and "/" not in rel[len(prefix) :]}
+        files = {
+            rel[len(prefix) :]: o.size
+            for rel, o in objects.items()
+            if rel.startswith(prefix) and "/" not in rel[len(prefix) :]
+        }
         return incomplete_reason(files, read_checksums(_uri(uri, folder)))
 
     with ThreadPoolExecutor(max_workers=8) as pool:
@@ -198,17 +206,31 @@ def list_runs(uri: str) -> list[RunInfo]:
     incomplete = incomplete_checkpoints(uri, objects)
     folders = [f for f in found if f not in incomplete]
     if not folders:
-        partial = f" ({len(incomplete)} partial: {'; '.join(f'{f or uri}: {why}' for f, why in sorted(incomplete.items()))})" if incomplete else ""
+        partial = (
+            f" ({len(incomplete)} partial: {'; '.join(f'{f or uri}: {why}' for f, why in sorted(incomplete.items()))})"
+            if incomplete
+            else ""
+        )
         raise InputError(uri, f"holds no complete checkpoints{partial}: give a storage folder, a run or a checkpoint")
     metrics = dict(zip(folders, _read_metrics(uri, folders, set(objects))))
     runs = []
     for run in sorted({posixpath.dirname(f) for f in folders}):
         inside = [f for f in folders if posixpath.dirname(f) == run]
-        partial = tuple((posixpath.basename(f), why) for f, why in sorted(incomplete.items()) if posixpath.dirname(f) == run)
-        ranking, checkpoints = rank([
-            CheckpointInfo(run, posixpath.basename(f) or posixpath.basename(uri.rstrip("/")), _uri(uri, f), _size(objects, f), metrics[f])
-            for f in inside
-        ])
+        partial = tuple(
+            (posixpath.basename(f), why) for f, why in sorted(incomplete.items()) if posixpath.dirname(f) == run
+        )
+        ranking, checkpoints = rank(
+            [
+                CheckpointInfo(
+                    run,
+                    posixpath.basename(f) or posixpath.basename(uri.rstrip("/")),
+                    _uri(uri, f),
+                    _size(objects, f),
+                    metrics[f],
+                )
+                for f in inside
+            ]
+        )
         name = run or posixpath.basename(uri.rstrip("/"))
         runs.append(RunInfo(name, _uri(uri, run), _size(objects, run), ranking, checkpoints, partial))
     runs.sort(key=lambda r: r.ranking.key(r.best), reverse=True)
@@ -227,11 +249,16 @@ def best(uri: str, latest: bool = False) -> CheckpointInfo:
     runs = list_runs(uri)
     if latest:
         if len(runs) > 1:
-            raise InputError(uri, f"holds {len(runs)} runs ({', '.join(r.name for r in runs)}): give one run's URI for its latest checkpoint")
+            raise InputError(
+                uri,
+                f"holds {len(runs)} runs ({', '.join(r.name for r in runs)}): give one run's URI for its latest checkpoint",
+            )
         return runs[0].latest
     rankings = {r.ranking.name for r in runs}
     if len(rankings) > 1:
-        raise InputError(uri, f"its runs are ranked by different metrics ({', '.join(sorted(rankings))}): give one run's URI")
+        raise InputError(
+            uri, f"its runs are ranked by different metrics ({', '.join(sorted(rankings))}): give one run's URI"
+        )
     return max((r.best for r in runs), key=runs[0].ranking.key)
 
 
@@ -255,7 +282,9 @@ def find(uri: str, name: str) -> CheckpointInfo:
     if not found:
         raise InputError(uri, f"holds no checkpoint named {name!r}: `deeprec checkpoints list {uri}` shows them")
     if len(found) > 1:
-        raise InputError(uri, f"several runs hold {name!r} ({', '.join(c.run for c in found)}): give RUN/{name} or the run's URI")
+        raise InputError(
+            uri, f"several runs hold {name!r} ({', '.join(c.run for c in found)}): give RUN/{name} or the run's URI"
+        )
     return found[0]
 
 
@@ -279,10 +308,18 @@ def format_runs(runs: list[RunInfo]) -> str:
     """A table per run, its checkpoints best first."""
     lines = []
     for r in runs:
-        order = "the latest first" if r.ranking.metric is None else f"{'higher' if r.ranking.higher_is_better else 'lower'} is better"
-        lines.append(f"{r.name}  {r.uri}  {len(r.checkpoints)} checkpoint(s), {human_bytes(r.bytes)}, ranked by {r.ranking.name} ({order})")
+        order = (
+            "the latest first"
+            if r.ranking.metric is None
+            else f"{'higher' if r.ranking.higher_is_better else 'lower'} is better"
+        )
+        lines.append(
+            f"{r.name}  {r.uri}  {len(r.checkpoints)} checkpoint(s), {human_bytes(r.bytes)}, ranked by {r.ranking.name} ({order})"
+        )
         for i, c in enumerate(r.checkpoints):
-            lines.append(f"  {'*' if i == 0 else ' '} {c.name:<40} {c.position():<22} {_score(c, r.ranking):<32} {human_bytes(c.bytes):>9}")
+            lines.append(
+                f"  {'*' if i == 0 else ' '} {c.name:<40} {c.position():<22} {_score(c, r.ranking):<32} {human_bytes(c.bytes):>9}"
+            )
         lines += [f"  ! {name:<40} incomplete, not listed: {why}" for name, why in r.incomplete]
     return "\n".join(lines)
 
@@ -290,8 +327,14 @@ def format_runs(runs: list[RunInfo]) -> str:
 def runs_json(runs: list[RunInfo]) -> list[dict[str, Any]]:
     return [
         {
-            "run": r.name, "uri": r.uri, "bytes": r.bytes, "ranked_by": r.ranking.name, "higher_is_better": r.ranking.higher_is_better,
-            "checkpoints": [{"name": c.name, "uri": c.uri, "bytes": c.bytes, "metrics": c.metrics} for c in r.checkpoints],
+            "run": r.name,
+            "uri": r.uri,
+            "bytes": r.bytes,
+            "ranked_by": r.ranking.name,
+            "higher_is_better": r.ranking.higher_is_better,
+            "checkpoints": [
+                {"name": c.name, "uri": c.uri, "bytes": c.bytes, "metrics": c.metrics} for c in r.checkpoints
+            ],
             "incomplete": [{"name": name, "why": why} for name, why in r.incomplete],
         }
         for r in runs

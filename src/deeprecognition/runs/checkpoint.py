@@ -37,7 +37,9 @@ def write_checkpoint(folder: str, state: dict[str, Any], metrics: dict[str, Any]
             json.dump(content, f, indent=1)
     paths = {name: os.path.join(folder, name) for name in (STATE, CONFIG, METRICS)}
     with open(os.path.join(folder, CHECKSUMS), "w") as f:
-        json.dump({name: {"bytes": os.path.getsize(p), "sha256": file_digest(p)} for name, p in paths.items()}, f, indent=1)
+        json.dump(
+            {name: {"bytes": os.path.getsize(p), "sha256": file_digest(p)} for name, p in paths.items()}, f, indent=1
+        )
 
 
 def incomplete_reason(files: dict[str, int], checksums: dict[str, Any] | None) -> str | None:
@@ -63,7 +65,8 @@ def read_checksums(folder: str) -> dict[str, Any] | None:
     except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError):
         return None
     well_formed = isinstance(listed, dict) and all(
-        isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str) for e in listed.values()
+        isinstance(e, dict) and isinstance(e.get("bytes"), int) and isinstance(e.get("sha256"), str)
+        for e in listed.values()
     )
     return listed if well_formed else None
 
@@ -83,8 +86,13 @@ def load_state(checkpoint: str) -> dict[str, Any]:
     raw = storage.read_required(uri, "a checkpoint folder holds state.pt and config.json")
     expected = (read_checksums(checkpoint) or {}).get(STATE)
     if expected and (len(raw) != expected["bytes"] or hashlib.sha256(raw).hexdigest() != expected["sha256"]):
-        raise InputError(uri, f"refused: {len(raw)} bytes that do not match its {CHECKSUMS} (an interrupted upload, or a changed file)")
+        raise InputError(
+            uri,
+            f"refused: {len(raw)} bytes that do not match its {CHECKSUMS} (an interrupted upload, or a changed file)",
+        )
     try:
         return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - the unpickler's refusal comes in several types
-        raise InputError(uri, f"refused: not a plain-data checkpoint ({type(err).__name__}: {str(err).splitlines()[0]})") from None
+        raise InputError(
+            uri, f"refused: not a plain-data checkpoint ({type(err).__name__}: {str(err).splitlines()[0]})"
+        ) from None

@@ -43,7 +43,10 @@ class Placement:
 
     def describe(self) -> str:
         """`2 workers of {GPU: 1, CPU: 3, H100} (STRICT_PACK)`."""
-        shown = ", ".join(k[len(ACCELERATOR_PREFIX):] if k.startswith(ACCELERATOR_PREFIX) else f"{k}: {v:g}" for k, v in self.per_worker.items())
+        shown = ", ".join(
+            k[len(ACCELERATOR_PREFIX) :] if k.startswith(ACCELERATOR_PREFIX) else f"{k}: {v:g}"
+            for k, v in self.per_worker.items()
+        )
         return f"{self.workers} worker{'s' if self.workers != 1 else ''} of {{{shown}}} ({self.strategy})"
 
 
@@ -67,7 +70,7 @@ def node_shapes() -> list[dict[str, float]]:
 
     shapes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
     config = state.get_cluster_config()
-    for group in (config.node_group_configs if config else ()):
+    for group in config.node_group_configs if config else ():
         if group.max_count:
             shapes.append(dict(group.resources))
     return shapes
@@ -99,8 +102,13 @@ def scaling_config(cfg: ClassifierConfig | GanConfig, placement: Placement) -> S
 
     resources = {k: v for k, v in placement.per_worker.items() if not k.startswith(ACCELERATOR_PREFIX)}
     workers = (placement.workers, placement.max_workers) if cfg.scale.elastic_min else placement.max_workers
-    return ScalingConfig(num_workers=workers, use_gpu=cfg.scale.gpu, resources_per_worker=resources,
-                         accelerator_type=cfg.scale.gpu_type or None, placement_strategy=placement.strategy)
+    return ScalingConfig(
+        num_workers=workers,
+        use_gpu=cfg.scale.gpu,
+        resources_per_worker=resources,
+        accelerator_type=cfg.scale.gpu_type or None,
+        placement_strategy=placement.strategy,
+    )
 
 
 def check_gpu_type(name: str) -> None:
@@ -112,7 +120,11 @@ def check_gpu_type(name: str) -> None:
     known = sorted({v for k, v in vars(accelerators).items() if k.isupper() and isinstance(v, str)})
     if name not in known:
         close = [k for k in known if k.lower() == name.lower()]
-        hint = f"did you mean {close[0]}?" if close else f"Ray's names: {', '.join(k for k in known if not k.startswith(('AMD', 'Intel', 'TPU', 'aws')))} ..."
+        hint = (
+            f"did you mean {close[0]}?"
+            if close
+            else f"Ray's names: {', '.join(k for k in known if not k.startswith(('AMD', 'Intel', 'TPU', 'aws')))} ..."
+        )
         raise ValueError(f"scale.gpu_type {name!r} is not a GPU type Ray knows: {hint}")
 
 
@@ -148,7 +160,9 @@ def cluster_summary(placement: Placement) -> str:
     return f"the cluster has {now} free" + (f"; its autoscaler can grow it to {', '.join(grows)}" if grows else "")
 
 
-def wait_for_capacity(placement: Placement, timeout_s: float, every_s: float = 60, say: Callable[[str], None] = print) -> float:
+def wait_for_capacity(
+    placement: Placement, timeout_s: float, every_s: float = 60, say: Callable[[str], None] = print
+) -> float:
     """Hold a placement group of the run's shape until the cluster can place it (its demand is what
     makes an autoscaler start nodes), then free it for Ray Train; a line every `every_s` while
     waiting. Returns the seconds waited; CapacityTimeout after `timeout_s`."""
@@ -167,9 +181,13 @@ def wait_for_capacity(placement: Placement, timeout_s: float, every_s: float = 6
                 say(f"{placement.describe()} placed after {_minutes(waited)}")
                 return waited
             if timeout_s - (time.monotonic() - start) > 0:
-                say(f"still waiting ({_minutes(time.monotonic() - start)}) for {placement.describe()}: {cluster_summary(placement)}")
-        raise CapacityTimeout(f"no room for {placement.describe()} after {_minutes(timeout_s)} ({cluster_summary(placement)}): "
-                              "raise --start-timeout, lower --num-workers, or add nodes (cluster/README.md)")
+                say(
+                    f"still waiting ({_minutes(time.monotonic() - start)}) for {placement.describe()}: {cluster_summary(placement)}"
+                )
+        raise CapacityTimeout(
+            f"no room for {placement.describe()} after {_minutes(timeout_s)} ({cluster_summary(placement)}): "
+            "raise --start-timeout, lower --num-workers, or add nodes (cluster/README.md)"
+        )
     finally:
         remove_placement_group(group)
 

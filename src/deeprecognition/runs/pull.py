@@ -25,10 +25,10 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 
-from deeprecognition.runs import catalog
 from deeprecognition import storage
-from deeprecognition.runs.checkpoint import CHECKSUMS, file_digest
 from deeprecognition.errors import InputError
+from deeprecognition.runs import catalog
+from deeprecognition.runs.checkpoint import CHECKSUMS, file_digest
 
 CHUNK = 8 << 20
 _MD5_ETAG = re.compile(r"^[0-9a-f]{32}(-1)?$")
@@ -76,7 +76,10 @@ def safe_parts(source: str, rel: str) -> list[str]:
     """The path components of an object key, refusing one that would land outside DEST."""
     parts = rel.split("/")
     if rel.startswith("/") or "\\" in rel or any(p in ("", ".", "..") for p in parts):
-        raise InputError(f"{source.rstrip('/')}/{rel}", "object key is absolute or climbs out with '..': refusing to write it under DEST")
+        raise InputError(
+            f"{source.rstrip('/')}/{rel}",
+            "object key is absolute or climbs out with '..': refusing to write it under DEST",
+        )
     return parts
 
 
@@ -90,7 +93,10 @@ def plan(source: str) -> list[RemoteFile]:
     partial = catalog.incomplete_checkpoints(source, objects)
     if partial:
         folder, why = min(partial.items())
-        raise InputError(_uri(source, folder), f"an incomplete checkpoint ({why}): not pulling it; pull whole ones with --best or --checkpoint NAME, or wait for the upload to end")
+        raise InputError(
+            _uri(source, folder),
+            f"an incomplete checkpoint ({why}): not pulling it; pull whole ones with --best or --checkpoint NAME, or wait for the upload to end",
+        )
     sums = _checksums(source, [rel for rel in objects if posixpath.basename(rel) == CHECKSUMS])
     return [
         RemoteFile(rel, o.size, sums.get(rel), o.etag if o.etag and _MD5_ETAG.match(o.etag) else None)
@@ -119,7 +125,9 @@ def resolve(uri: str, best: bool = False, checkpoint: str | None = None) -> str:
     return uri.rstrip("/")
 
 
-def pull(uri: str, dest: str, *, best: bool = False, checkpoint: str | None = None, workers: int = 8, progress: bool = False) -> PullReport:
+def pull(
+    uri: str, dest: str, *, best: bool = False, checkpoint: str | None = None, workers: int = 8, progress: bool = False
+) -> PullReport:
     """Pull a run, a checkpoint, or `best`/`checkpoint` of a run or storage folder, into DEST/NAME."""
     if storage.is_remote(dest):
         raise ValueError(f"DEST must be a local folder, not {dest}")
@@ -131,7 +139,13 @@ def pull(uri: str, dest: str, *, best: bool = False, checkpoint: str | None = No
     files = plan(source)
     final = os.path.join(storage.local_path(dest), name)
     partial = os.path.join(storage.local_path(dest), f".{name}.partial")
-    report = dict(source=source, dest=final, files=len(files), bytes=sum(f.size for f in files), checks=dict(Counter(f.check for f in files)))
+    report = dict(
+        source=source,
+        dest=final,
+        files=len(files),
+        bytes=sum(f.size for f in files),
+        checks=dict(Counter(f.check for f in files)),
+    )
     if os.path.exists(final):
         if all(f.matches(_local(final, f)) for f in files):
             return PullReport(**report, fetched=0, kept=len(files), up_to_date=True, seconds=time.monotonic() - start)
@@ -141,7 +155,13 @@ def pull(uri: str, dest: str, *, best: bool = False, checkpoint: str | None = No
     todo = [f for f in files if not f.matches(_local(partial, f))]
     _fetch_all(source, partial, todo, workers, progress)
     os.replace(partial, final)
-    return PullReport(**report, fetched=len(todo), kept=len(files) - len(todo), seconds=time.monotonic() - start, retries=storage.retry_count() - retries_before)
+    return PullReport(
+        **report,
+        fetched=len(todo),
+        kept=len(files) - len(todo),
+        seconds=time.monotonic() - start,
+        retries=storage.retry_count() - retries_before,
+    )
 
 
 def _uri(source: str, rel: str) -> str:
@@ -166,9 +186,14 @@ def _remove_strays(partial: str, wanted: set[str]) -> None:
 def _fetch_all(source: str, partial: str, todo: list[RemoteFile], workers: int, progress: bool) -> None:
     from tqdm import tqdm
 
-    with tqdm(total=sum(f.size for f in todo), unit="B", unit_scale=True, unit_divisor=1024, disable=not progress, desc="pull") as bar:
+    with tqdm(
+        total=sum(f.size for f in todo), unit="B", unit_scale=True, unit_divisor=1024, disable=not progress, desc="pull"
+    ) as bar:
         with ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
-            futures = [pool.submit(_fetch, storage.join(source, *f.rel.split("/")), _local(partial, f), f, bar.update) for f in todo]
+            futures = [
+                pool.submit(_fetch, storage.join(source, *f.rel.split("/")), _local(partial, f), f, bar.update)
+                for f in todo
+            ]
             try:
                 for future in as_completed(futures):
                     future.result()

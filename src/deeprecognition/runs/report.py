@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from deeprecognition import storage
-from deeprecognition.runs.background import BackgroundWriter
 from deeprecognition.classifier.metrics import format_report
+from deeprecognition.runs.background import BackgroundWriter
 
 METRICS_LOG = "metrics.jsonl"
 PARTS = "metrics.jsonl.parts"
@@ -102,7 +102,9 @@ def read_history(run_uri: str) -> list[dict[str, Any]]:
     return _read(run_uri).history
 
 
-def _fold(run_uri: str, history: list[dict[str, Any]], parts: list[_Part], drop_from: tuple[str, int] | None = None) -> None:
+def _fold(
+    run_uri: str, history: list[dict[str, Any]], parts: list[_Part], drop_from: tuple[str, int] | None = None
+) -> None:
     """metrics.jsonl := history, then the parts removed, oldest first. Every state in between reads
     as `history`: the parts left are always the newest, which applied to the new base change
     nothing. `drop_from` (position, P): lines at P or later in the parts are not in `history` (a
@@ -135,13 +137,22 @@ class RunLog:
     lines logged after the last checkpoint were lost with the failure and are logged again. With a
     `writer`, flushes go to storage in the background (the loops); without one, at once."""
 
-    def __init__(self, run_uri: str, config: dict[str, Any], resume_at: int, position: str = "epoch", writer: BackgroundWriter | None = None) -> None:
+    def __init__(
+        self,
+        run_uri: str,
+        config: dict[str, Any],
+        resume_at: int,
+        position: str = "epoch",
+        writer: BackgroundWriter | None = None,
+    ) -> None:
         self.run_uri = run_uri
         self.position = position
         self._writer = writer
         logged = _read(run_uri)
         self.history = [m for m in logged.history if m[position] < resume_at]
-        storage.write_bytes_atomic(storage.join(run_uri, "training_options.json"), json.dumps(config, indent=1).encode())
+        storage.write_bytes_atomic(
+            storage.join(run_uri, "training_options.json"), json.dumps(config, indent=1).encode()
+        )
         if logged.parts or logged.torn or len(self.history) < len(logged.history):
             # Before this run logs anything: the lines it will log again must not show twice.
             _fold(run_uri, self.history, logged.parts, (position, resume_at))
@@ -156,7 +167,9 @@ class RunLog:
         """Record one line; `flush` sends what is new to storage (a long GAN schedule flushes at
         checkpoints and evaluations, not every line)."""
         self.history.append(metrics)
-        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k not in ("epoch", "step", "iteration")}
+        scalars = {
+            k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k not in ("epoch", "step", "iteration")
+        }
         for key, value in scalars.items():
             self._events(metrics["step"]).add_scalar(key, value, global_step=metrics["step"])
         if flush:
@@ -182,15 +195,27 @@ class RunLog:
             if storage.is_remote(self.run_uri):
                 part = _Part(self._next_part, self.position, new[0][self.position])
                 self._next_part += 1
-                self._submit(f"{PARTS}/{part.name}", storage.write_bytes_atomic, storage.join(self.run_uri, PARTS, part.name), _encode(new))
+                self._submit(
+                    f"{PARTS}/{part.name}",
+                    storage.write_bytes_atomic,
+                    storage.join(self.run_uri, PARTS, part.name),
+                    _encode(new),
+                )
             else:
-                self._submit(METRICS_LOG, _append, storage.local_path(storage.join(self.run_uri, METRICS_LOG)), _encode(new))
+                self._submit(
+                    METRICS_LOG, _append, storage.local_path(storage.join(self.run_uri, METRICS_LOG)), _encode(new)
+                )
             self._stored = len(self.history)
         if self._tb is not None:
             self._tb.close()
             self._tb = None
             [name] = [n for n in os.listdir(self._tb_dir) if n.endswith(self._tb_suffix(self._tb_files - 1))]
-            self._submit(f"{TENSORBOARD}/{name}", _move_events, os.path.join(self._tb_dir, name), storage.join(self.run_uri, TENSORBOARD, name))
+            self._submit(
+                f"{TENSORBOARD}/{name}",
+                _move_events,
+                os.path.join(self._tb_dir, name),
+                storage.join(self.run_uri, TENSORBOARD, name),
+            )
 
     def _submit(self, what: str, job: Callable[..., None], *args: Any) -> None:
         if self._writer is None:
@@ -226,9 +251,17 @@ def curves_png(runs: dict[str, list[dict[str, Any]]]) -> bytes:
         color = f"C{i}"
         epochs = [m["epoch"] + 1 for m in history]
         ax.plot(epochs, [m["val/mean_accuracy"] for m in history], color=color, marker="o", label=f"{label} val")
-        ax.plot(epochs, [m["train/mean_accuracy"] for m in history], color=color, linestyle="--", label=f"{label} train")
+        ax.plot(
+            epochs, [m["train/mean_accuracy"] for m in history], color=color, linestyle="--", label=f"{label} train"
+        )
         if history:
-            ax.axhline(history[-1]["val/mean_majority_baseline"], color=color, linestyle=":", linewidth=1, label=f"{label} majority floor")
+            ax.axhline(
+                history[-1]["val/mean_majority_baseline"],
+                color=color,
+                linestyle=":",
+                linewidth=1,
+                label=f"{label} majority floor",
+            )
     ax.set_xlabel("epoch")
     ax.set_ylabel("mean accuracy")
     ax.grid(alpha=0.3)

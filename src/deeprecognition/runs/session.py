@@ -79,7 +79,9 @@ class Session:
     run_dir: str  # the run's folder (local mode: also its checkpoints)
     keep: int = 2  # local mode: checkpoints kept, the latest and the best keep - 1 others (catalog's ranking)
     _noticed: Any = field(default=None, repr=False)  # the preemption notice already checkpointed for
-    _uploads: UploadFolders | None = field(default=None, repr=False)  # rank 0, under Ray, from its first background checkpoint
+    _uploads: UploadFolders | None = field(
+        default=None, repr=False
+    )  # rank 0, under Ray, from its first background checkpoint
 
     @classmethod
     def current(cls, run_dir: str, use_gpu: bool, keep: int) -> Session:
@@ -125,9 +127,14 @@ class Session:
             return False
         self._noticed = info
         if self.rank == 0:
-            left = f"{max(0.0, info.deadline_ms / 1000 - time.time()):.0f} s" if info.deadline_ms else "no deadline given"
-            print(f"preemption notice: node(s) {', '.join(n[:8] for n in info.preempted_node_ids)} (ranks {info.preempted_ranks}) "
-                  f"draining, {left} left; checkpointing now", flush=True)
+            left = (
+                f"{max(0.0, info.deadline_ms / 1000 - time.time()):.0f} s" if info.deadline_ms else "no deadline given"
+            )
+            print(
+                f"preemption notice: node(s) {', '.join(n[:8] for n in info.preempted_node_ids)} (ranks {info.preempted_ranks}) "
+                f"draining, {left} left; checkpointing now",
+                flush=True,
+            )
         return True
 
     def report(self, metrics: dict[str, Any], state: dict[str, Any] | None, background: bool = False) -> None:

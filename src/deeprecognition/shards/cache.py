@@ -58,7 +58,9 @@ def check_shard(where: str, raw: bytes | mmap.mmap, shard: ShardInfo, stamp: Sta
     if stamp is not None and _VERIFIED.get(where) == (stamp, shard.sha256):
         return
     if len(raw) != shard.bytes:
-        raise CorruptShardError(shard.name, f"{len(raw)} bytes, the manifest says {shard.bytes} (truncated or replaced)")
+        raise CorruptShardError(
+            shard.name, f"{len(raw)} bytes, the manifest says {shard.bytes} (truncated or replaced)"
+        )
     if hashlib.sha256(raw).hexdigest() != shard.sha256:
         raise CorruptShardError(shard.name, "its sha256 does not match the manifest (bytes changed since packing)")
     if stamp is not None:
@@ -87,7 +89,9 @@ class ShardCache:
         try:
             os.makedirs(folder, exist_ok=True)
         except OSError as err:
-            raise ValueError(f"data.cache: cannot create the shard cache {folder} ({err.strerror}): set data.cache to a writable folder, or off") from None
+            raise ValueError(
+                f"data.cache: cannot create the shard cache {folder} ({err.strerror}): set data.cache to a writable folder, or off"
+            ) from None
         return cls(folder, int(cap_gb * 1e9))
 
     def path(self, shard: ShardInfo) -> str:
@@ -118,7 +122,13 @@ class ShardCache:
             check_shard(path, raw, shard, stamp)
         except CorruptShardError as err:
             if under_lock:
-                log.warning("shard %s: the cached copy %s is bad (%s): fetching it again from %s", shard.name, path, err.problem, uri)
+                log.warning(
+                    "shard %s: the cached copy %s is bad (%s): fetching it again from %s",
+                    shard.name,
+                    path,
+                    err.problem,
+                    uri,
+                )
                 _remove(path)
             return None
         with contextlib.suppress(FileNotFoundError):  # evicted meanwhile: the mapping stays valid
@@ -127,7 +137,9 @@ class ShardCache:
 
     def _fetch(self, uri: str, shard: ShardInfo, path: str) -> mmap.mmap:
         """Download, check, write under a temp name, rename into place; the caller holds the lock."""
-        for stale in glob.glob(os.path.join(self.folder, f".{shard.sha256}.*.tmp")):  # a killed download's: nobody else writes them
+        for stale in glob.glob(
+            os.path.join(self.folder, f".{shard.sha256}.*.tmp")
+        ):  # a killed download's: nobody else writes them
             _remove(stale)
         raw = storage.read_bytes(uri)
         check_shard(uri, raw, shard, None)

@@ -46,7 +46,9 @@ def decode_on(images: EncodedImages, device: torch.device) -> torch.Tensor:
     """uint8 (B, 3, H, W), channels_last, on `device` (nvJPEG on CUDA; libjpeg-turbo on the CPU,
     the CPU path's own decoder, which is how this is tested without a GPU)."""
     bounds = images.offsets.tolist()
-    files = [images.data[start:stop] for start, stop in zip(bounds, bounds[1:])]  # views: decode_jpeg reads them on the host
+    files = [
+        images.data[start:stop] for start, stop in zip(bounds, bounds[1:])
+    ]  # views: decode_jpeg reads them on the host
     if device.type == "cuda":
         # nvJPEG may be handed output memory that kernels queued on this stream still read and
         # overwrite it before they run (reported in pytorch/vision#9606): let them finish first.
@@ -67,12 +69,16 @@ def check_decode(decode: str, encoding: str) -> None:
     if decode not in DECODES:
         raise ValueError(f"data.decode must be one of {', '.join(DECODES)}, got {decode!r}")
     if decode == "gpu" and encoding != "jpg":
-        raise ValueError(f"data.decode=gpu decodes JPEG datasets only (nvJPEG), and this one stores {encoding} images: "
-                         "use data.decode=cpu, or pack the dataset with --format jpg")
+        raise ValueError(
+            f"data.decode=gpu decodes JPEG datasets only (nvJPEG), and this one stores {encoding} images: "
+            "use data.decode=cpu, or pack the dataset with --format jpg"
+        )
 
 
 def require_cuda(decode: str, device: torch.device) -> None:
     """In the worker: refuse data.decode=gpu where the loop's device is not a CUDA device."""
     if decode == "gpu" and device.type != "cuda":
-        found = "torch.cuda is not available here" if not torch.cuda.is_available() else f"this worker trains on {device}"
+        found = (
+            "torch.cuda is not available here" if not torch.cuda.is_available() else f"this worker trains on {device}"
+        )
         raise ValueError(f"{NEEDS_GPU}; {found}: drop data.decode=gpu, or run with --gpu on a node with a GPU")

@@ -56,11 +56,15 @@ def read_labels(dataset: str, manifest: Manifest) -> np.ndarray:
         uri = storage.join(dataset, info.name)
         raw = storage.read_required(uri, f"the label index listed in manifest.json: {_REPACK}")
         if len(raw) != info.bytes or hashlib.sha256(raw).hexdigest() != info.sha256:
-            raise InputError(uri, f"{len(raw)} bytes that do not match manifest.json (changed since packing): {_REPACK}")
+            raise InputError(
+                uri, f"{len(raw)} bytes that do not match manifest.json (changed since packing): {_REPACK}"
+            )
         rows = np.load(io.BytesIO(raw), allow_pickle=False)
         total = sum(s.samples for s in manifest.splits.values())
         if rows.shape != (total, len(CELEBA_ATTRIBUTES)) or rows.dtype != np.uint8 or rows.max(initial=0) > 1:
-            raise InputError(uri, f"holds {rows.dtype}{rows.shape}, expected uint8 ({total}, 40) in {{0, 1}}: {_REPACK}")
+            raise InputError(
+                uri, f"holds {rows.dtype}{rows.shape}, expected uint8 ({total}, 40) in {{0, 1}}: {_REPACK}"
+            )
         if not storage.is_remote(dataset):
             return rows
         _FETCHED[key] = rows

@@ -86,7 +86,7 @@ class LoaderConfig:
 
 
 def parse_where(text: str) -> dict[str, int]:
-    """"Attractive=1,Male=0" -> {"Attractive": 1, "Male": 0}, names checked against CelebA's 40."""
+    """ "Attractive=1,Male=0" -> {"Attractive": 1, "Male": 0}, names checked against CelebA's 40."""
     where: dict[str, int] = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, sep, value = part.partition("=")
@@ -128,7 +128,9 @@ def read_shard(data: str, shard: ShardInfo, cache: ShardCache | None = None) -> 
             return cache.read(uri, shard)
         raw, stamp = storage.read_buffer(uri)
     except FileNotFoundError:
-        raise CorruptShardError(shard.name, f"missing: listed in {data}/manifest.json but not in the dataset folder") from None
+        raise CorruptShardError(
+            shard.name, f"missing: listed in {data}/manifest.json but not in the dataset folder"
+        ) from None
     check_shard(uri, raw, shard, stamp)
     return raw
 
@@ -155,9 +157,17 @@ def split_index(data: str, manifest: Manifest, split: str, cache: ShardCache | N
     if manifest.labels is not None:
         labels = read_labels(data, manifest)[split_rows(manifest, split)]
     else:
-        log.warning("%s has no label index (packed by an older release): reading the labels of every %s shard first; "
-                    "run the same `deeprec pack` again to add it", data, split)
-        scanned = [np.stack([read_npy(f["attr.npy"]) for _, f in iter_samples(read_shard(data, s, cache), s.name)]) for s in shards if s.samples]
+        log.warning(
+            "%s has no label index (packed by an older release): reading the labels of every %s shard first; "
+            "run the same `deeprec pack` again to add it",
+            data,
+            split,
+        )
+        scanned = [
+            np.stack([read_npy(f["attr.npy"]) for _, f in iter_samples(read_shard(data, s, cache), s.name)])
+            for s in shards
+            if s.samples
+        ]
         labels = np.concatenate(scanned) if scanned else np.zeros((0, len(CELEBA_ATTRIBUTES)), np.uint8)
     return SplitIndex.of(labels, (s.samples for s in shards))
 
@@ -165,7 +175,13 @@ def split_index(data: str, manifest: Manifest, split: str, cache: ShardCache | N
 class ShardStream(IterableDataset):
     """Batches from one split of a packed dataset, for one rank; see the module docstring."""
 
-    def __init__(self, config: LoaderConfig, manifest: Manifest | None = None, rank: int | None = None, world_size: int | None = None) -> None:
+    def __init__(
+        self,
+        config: LoaderConfig,
+        manifest: Manifest | None = None,
+        rank: int | None = None,
+        world_size: int | None = None,
+    ) -> None:
         if config.sampling not in SAMPLING:
             raise ValueError(f"sampling must be one of {', '.join(SAMPLING)}, got {config.sampling!r}")
         self.config = config
@@ -180,7 +196,11 @@ class ShardStream(IterableDataset):
         self.target_idx = np.array([attribute_index(n) for n in config.targets], dtype=np.int64)
         self.index = split_index(config.data, self.manifest, config.split, self.cache)
         rows = self.index.matching((attribute_index(n), v) for n, v in config.where.items())
-        self.rows = rows if config.first_shards is None else rows[rows < self.index.starts[min(config.first_shards, self.index.shards)]]
+        self.rows = (
+            rows
+            if config.first_shards is None
+            else rows[rows < self.index.starts[min(config.first_shards, self.index.shards)]]
+        )
         if config.training and not len(self.rows):
             matching = f" matches {config.where}" if config.where else ""
             raise ValueError(f"no sample of split {config.split!r} in {config.data}{matching}: nothing to train on")
@@ -209,7 +229,10 @@ class ShardStream(IterableDataset):
         if self.config.training:
             return self._workers * math.ceil(self._quota() / batch)
         slots, first = self.world_size * self._workers, self.rank * self._workers
-        return sum(math.ceil((stop - start) / batch) for start, stop in (part_bounds(len(self.rows), s, slots) for s in range(first, first + self._workers)))
+        return sum(
+            math.ceil((stop - start) / batch)
+            for start, stop in (part_bounds(len(self.rows), s, slots) for s in range(first, first + self._workers))
+        )
 
     def _slot(self) -> tuple[int, int]:
         info = get_worker_info()
@@ -245,7 +268,9 @@ class ShardStream(IterableDataset):
             samples.append((key, fields[encoding], read_npy(fields["attr.npy"])))
         indexed = self.index.labels[self.index.starts[s] : self.index.starts[s + 1]]
         if len(samples) != len(indexed) or not np.array_equal(np.stack([a for _, _, a in samples]), indexed):
-            raise CorruptShardError(shard.name, "its samples' labels differ from the dataset's label index (labels.npy)")
+            raise CorruptShardError(
+                shard.name, "its samples' labels differ from the dataset's label index (labels.npy)"
+            )
         return samples
 
     def __iter__(self) -> Iterator[Batch]:
@@ -264,7 +289,11 @@ class ShardStream(IterableDataset):
 
     def _batch(self, chunk: list[Sample]) -> Batch:
         keys, payloads, attrs = zip(*chunk)
-        images = encoded(payloads) if self.config.decode == "gpu" else decode_images(list(payloads), self.manifest.image.encoding)
+        images = (
+            encoded(payloads)
+            if self.config.decode == "gpu"
+            else decode_images(list(payloads), self.manifest.image.encoding)
+        )
         targets = torch.from_numpy(np.stack(attrs)[:, self.target_idx])
         return Batch(images, targets, list(keys))
 

@@ -103,9 +103,13 @@ def _shard_from_dict(d: dict[str, Any], where: str, path: str) -> ShardInfo:
 
 def manifest_from_dict(data: dict[str, Any], path: str = MANIFEST) -> Manifest:
     if data.get("format") != FORMAT:
-        raise InputError(path, f"field format is {data.get('format')!r}, expected {FORMAT!r}: not a DeepRecognition dataset")
+        raise InputError(
+            path, f"field format is {data.get('format')!r}, expected {FORMAT!r}: not a DeepRecognition dataset"
+        )
     if data.get("version") != VERSION:
-        raise InputError(path, f"field version is {data.get('version')!r}; this release reads version {VERSION}: repack the dataset")
+        raise InputError(
+            path, f"field version is {data.get('version')!r}; this release reads version {VERSION}: repack the dataset"
+        )
     if data.get("attributes") != list(CELEBA_ATTRIBUTES):
         raise InputError(path, "field attributes must list the 40 CelebA attributes in CelebA order")
     img = _require(data, "image", dict, "", path)
@@ -122,7 +126,10 @@ def manifest_from_dict(data: dict[str, Any], path: str = MANIFEST) -> Manifest:
         if name not in SPLITS:
             raise InputError(path, f"field splits.{name}: unknown split, expected {SPLITS}")
         where = f"splits.{name}."
-        shards = [_shard_from_dict(d, f"{where}shards[{i}].", path) for i, d in enumerate(_require(s, "shards", list, where, path))]
+        shards = [
+            _shard_from_dict(d, f"{where}shards[{i}].", path)
+            for i, d in enumerate(_require(s, "shards", list, where, path))
+        ]
         samples = _require(s, "samples", int, where, path)
         if samples != sum(sh.samples for sh in shards):
             raise InputError(path, f"field {where}samples ({samples}) is not the sum of its shards' samples")
@@ -140,7 +147,11 @@ def manifest_from_dict(data: dict[str, Any], path: str = MANIFEST) -> Manifest:
 def _labels_from_dict(d: Any, path: str) -> LabelsInfo:
     if not isinstance(d, dict):
         raise InputError(path, f"field labels has type {type(d).__name__}, expected dict")
-    labels = LabelsInfo(name=_require(d, "name", str, "labels.", path), bytes=_require(d, "bytes", int, "labels.", path), sha256=_require(d, "sha256", str, "labels.", path))
+    labels = LabelsInfo(
+        name=_require(d, "name", str, "labels.", path),
+        bytes=_require(d, "bytes", int, "labels.", path),
+        sha256=_require(d, "sha256", str, "labels.", path),
+    )
     if "/" in labels.name or "\\" in labels.name or labels.name.startswith("."):
         raise InputError(path, f"field labels.name {labels.name!r} is not a plain file name")
     return labels
@@ -149,7 +160,10 @@ def _labels_from_dict(d: Any, path: str) -> LabelsInfo:
 def read_manifest(dataset: str) -> Manifest:
     """The manifest of a dataset folder (local or s3://); a clear error when there is none."""
     path = storage.join(dataset, MANIFEST)
-    raw = storage.read_required(path, "a dataset is a folder with manifest.json (run `deeprec pack SRC DEST` first; an interrupted pack has no manifest yet, run it again)")
+    raw = storage.read_required(
+        path,
+        "a dataset is a folder with manifest.json (run `deeprec pack SRC DEST` first; an interrupted pack has no manifest yet, run it again)",
+    )
     try:
         data = json.loads(raw)
     except json.JSONDecodeError as err:

@@ -23,7 +23,17 @@ from deeprecognition.celeba.source import CelebASource, find_source, load_annota
 from deeprecognition.errors import InputError
 from deeprecognition.shards.encode import ImageFormat, decode_source, encode_image, resize, sample_members
 from deeprecognition.shards.labels import write_labels
-from deeprecognition.shards.manifest import MANIFEST, SHARD_NAME, ImageInfo, LabelsInfo, Manifest, ShardInfo, SplitInfo, read_manifest, write_manifest
+from deeprecognition.shards.manifest import (
+    MANIFEST,
+    SHARD_NAME,
+    ImageInfo,
+    LabelsInfo,
+    Manifest,
+    ShardInfo,
+    SplitInfo,
+    read_manifest,
+    write_manifest,
+)
 from deeprecognition.shards.plan import PackPlan, ShardPlan, make_plan
 from deeprecognition.shards.tario import tar_bytes
 
@@ -80,7 +90,10 @@ def build_shard(source: CelebASource, shard: ShardPlan, fmt: ImageFormat, strict
             img = decode_source(raw[file])
         except (OSError, SyntaxError, ValueError) as err:
             if strict:
-                raise InputError(storage.join(source.images, file), f"does not decode as an image ({err}); without --strict it would be skipped and counted") from None
+                raise InputError(
+                    storage.join(source.images, file),
+                    f"does not decode as an image ({err}); without --strict it would be skipped and counted",
+                ) from None
             log.warning("skipping %s: does not decode (%s)", file, err)
             undecodable.append(file)
             continue
@@ -149,7 +162,9 @@ def _remove_leftovers(dest: str, plan: PackPlan) -> None:
                 storage.remove(storage.join(folder, name))
 
 
-def _run_tasks(source: CelebASource, dest: str, plan: PackPlan, options: PackOptions, progress: bool) -> list[ShardResult]:
+def _run_tasks(
+    source: CelebASource, dest: str, plan: PackPlan, options: PackOptions, progress: bool
+) -> list[ShardResult]:
     import ray
     from tqdm import tqdm
 
@@ -187,7 +202,9 @@ def _label_rows(plan: PackPlan, undecodable: set[str]) -> np.ndarray:
     return np.concatenate(rows) if rows else np.zeros((0, 40), np.uint8)
 
 
-def _manifest(source: CelebASource, plan: PackPlan, options: PackOptions, results: list[ShardResult], labels: LabelsInfo) -> Manifest:
+def _manifest(
+    source: CelebASource, plan: PackPlan, options: PackOptions, results: list[ShardResult], labels: LabelsInfo
+) -> Manifest:
     by_name = {r.info.name: r for r in results}
     splits = {}
     for split in SPLITS:
@@ -196,7 +213,12 @@ def _manifest(source: CelebASource, plan: PackPlan, options: PackOptions, result
     undecodable = sorted(f for r in results for f in r.undecodable)
     fmt = options.image
     return Manifest(
-        image=ImageInfo(size=fmt.size, resize=fmt.resize, encoding=fmt.encoding, quality=fmt.quality if fmt.encoding == "jpg" else None),
+        image=ImageInfo(
+            size=fmt.size,
+            resize=fmt.resize,
+            encoding=fmt.encoding,
+            quality=fmt.quality if fmt.encoding == "jpg" else None,
+        ),
         split_policy=plan.split_policy,
         splits=splits,
         skipped={
@@ -205,7 +227,13 @@ def _manifest(source: CelebASource, plan: PackPlan, options: PackOptions, result
             "missing": len(plan.missing),
             "missing_files_first": plan.missing[:20],
         },
-        source={"layout": source.layout, "root": source.root, "fingerprint": plan.source_fingerprint, "images_listed": plan.listed, "plan": plan.plan_id},
+        source={
+            "layout": source.layout,
+            "root": source.root,
+            "fingerprint": plan.source_fingerprint,
+            "images_listed": plan.listed,
+            "plan": plan.plan_id,
+        },
         labels=labels,
     )
 
@@ -220,12 +248,22 @@ def pack(src: str, dest: str, options: PackOptions = PackOptions(), progress: bo
     if storage.exists(storage.join(dest, MANIFEST)):
         existing = read_manifest(dest)
         if existing.source.get("plan") != plan.plan_id:
-            raise InputError(storage.join(dest, MANIFEST), "DEST already holds a dataset packed from another source or with other options: pack into a new DEST, or delete this one first")
+            raise InputError(
+                storage.join(dest, MANIFEST),
+                "DEST already holds a dataset packed from another source or with other options: pack into a new DEST, or delete this one first",
+            )
         _remove_records(dest)  # left behind if an earlier run died right after its manifest
         if existing.labels is None:  # packed before the label index: add it, the shards stay
             labels = write_labels(dest, _label_rows(plan, set(existing.skipped["undecodable_files"])))
             write_manifest(dest, existing := dataclasses.replace(existing, labels=labels))
-        return PackReport(dest=dest, manifest=existing, built=0, kept=len(plan.shards), seconds=time.perf_counter() - start, up_to_date=True)
+        return PackReport(
+            dest=dest,
+            manifest=existing,
+            built=0,
+            kept=len(plan.shards),
+            seconds=time.perf_counter() - start,
+            up_to_date=True,
+        )
     _remove_leftovers(dest, plan)
     results = _run_tasks(source, dest, plan, options, progress)
     labels = write_labels(dest, _label_rows(plan, {f for r in results for f in r.undecodable}))
@@ -234,4 +272,11 @@ def pack(src: str, dest: str, options: PackOptions = PackOptions(), progress: bo
     _remove_records(dest)
     kept = sum(r.kept for r in results)
     retries = sum(r.retries for r in results) + storage.retry_count() - retries_before
-    return PackReport(dest=dest, manifest=manifest, built=len(results) - kept, kept=kept, seconds=time.perf_counter() - start, retries=retries)
+    return PackReport(
+        dest=dest,
+        manifest=manifest,
+        built=len(results) - kept,
+        kept=kept,
+        seconds=time.perf_counter() - start,
+        retries=retries,
+    )

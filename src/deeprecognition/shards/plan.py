@@ -104,7 +104,12 @@ def _split_policy(options: PackOptions, ann: Annotations) -> dict[str, Any]:
     """What the manifest records about the split, and what the plan id must cover."""
     if options.split != "random":
         return {"name": options.split}
-    return {"name": "random", "seed": options.seed, "fractions": list(RANDOM_FRACTIONS), "identity_disjoint": ann.identity is not None}
+    return {
+        "name": "random",
+        "seed": options.seed,
+        "fractions": list(RANDOM_FRACTIONS),
+        "identity_disjoint": ann.identity is not None,
+    }
 
 
 def _warn_if_identities_may_be_shared(source: CelebASource, policy: dict[str, Any]) -> None:
@@ -162,4 +167,11 @@ def make_plan(source: CelebASource, ann: Annotations, present: dict[str, int], o
         # never changed; leaving its policy out keeps the ids of datasets packed before valid.
         plan_key.append(policy)
     plan_id = hashlib.sha256(json.dumps(plan_key, sort_keys=True).encode()).hexdigest()[:16]
-    return PackPlan(shards=shards, missing=missing, listed=len(ann), source_fingerprint=fingerprint, split_policy=policy, plan_id=plan_id)
+    return PackPlan(
+        shards=shards,
+        missing=missing,
+        listed=len(ann),
+        source_fingerprint=fingerprint,
+        split_policy=policy,
+        plan_id=plan_id,
+    )

@@ -26,7 +26,11 @@ class SplitStats:
 def attribute_stats(manifest: Manifest) -> dict[str, SplitStats]:
     stats = {}
     for split, info in manifest.splits.items():
-        counts = np.sum([s.attribute_counts for s in info.shards], axis=0, dtype=np.int64) if info.shards else np.zeros(40, np.int64)
+        counts = (
+            np.sum([s.attribute_counts for s in info.shards], axis=0, dtype=np.int64)
+            if info.shards
+            else np.zeros(40, np.int64)
+        )
         stats[split] = SplitStats(samples=info.samples, positives=dict(zip(manifest.attributes, counts.tolist())))
     return stats
 

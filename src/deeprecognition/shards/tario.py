@@ -57,7 +57,9 @@ def _member_name(data: bytes | bytearray | mmap.mmap, offset: int, shard: str) -
         prefix_end = data.find(b"\0", offset + 345, offset + 500)
         name = data[offset + 345 : prefix_end if prefix_end >= 0 else offset + 500] + b"/" + name
     if b".." in name and b".." in name.split(b"/") or name.startswith(b"/"):
-        raise CorruptShardError(shard, f"member name {name.decode('utf-8', 'replace')!r} is absolute or escapes the archive; refusing it")
+        raise CorruptShardError(
+            shard, f"member name {name.decode('utf-8', 'replace')!r} is absolute or escapes the archive; refusing it"
+        )
     return name.decode("utf-8", "replace")
 
 

@@ -43,16 +43,22 @@ def _check_samples(data: bytes, shard: ShardInfo, manifest: Manifest, indexed: n
     positives = np.zeros(len(manifest.attributes), dtype=np.int64)
     for key, fields in iter_samples(bytearray(data), shard.name):
         if encoding not in fields or "attr.npy" not in fields or "meta.json" not in fields:
-            raise CorruptShardError(shard.name, f"sample {key} has members {sorted(fields)}, expected {encoding}, attr.npy, meta.json")
+            raise CorruptShardError(
+                shard.name, f"sample {key} has members {sorted(fields)}, expected {encoding}, attr.npy, meta.json"
+            )
         attrs = read_npy(fields["attr.npy"])
         if attrs.shape != (40,) or attrs.dtype != np.uint8 or attrs.max(initial=0) > 1:
-            raise CorruptShardError(shard.name, f"sample {key}: attr.npy is {attrs.dtype}{attrs.shape}, expected 40 values in {{0, 1}}")
+            raise CorruptShardError(
+                shard.name, f"sample {key}: attr.npy is {attrs.dtype}{attrs.shape}, expected 40 values in {{0, 1}}"
+            )
         try:
             image = decode_image(fields[encoding], encoding)
         except RuntimeError as err:
             raise CorruptShardError(shard.name, f"sample {key}: image does not decode ({err})") from None
         if tuple(image.shape) != (3, size, size):
-            raise CorruptShardError(shard.name, f"sample {key}: image is {tuple(image.shape)}, expected (3, {size}, {size})")
+            raise CorruptShardError(
+                shard.name, f"sample {key}: image is {tuple(image.shape)}, expected (3, {size}, {size})"
+            )
         if indexed is not None and (count >= len(indexed) or not np.array_equal(indexed[count], attrs)):
             raise CorruptShardError(shard.name, f"sample {key}: its labels differ from the label index ({LABELS})")
         positives += attrs
@@ -63,7 +69,9 @@ def _check_samples(data: bytes, shard: ShardInfo, manifest: Manifest, indexed: n
         raise CorruptShardError(shard.name, "attribute counts differ from the manifest")
 
 
-def verify_shard(dataset: str, shard: ShardInfo, manifest: Manifest, indexed: np.ndarray | None = None) -> ShardProblem | None:
+def verify_shard(
+    dataset: str, shard: ShardInfo, manifest: Manifest, indexed: np.ndarray | None = None
+) -> ShardProblem | None:
     try:
         data = storage.read_bytes(storage.join(dataset, shard.name))
     except FileNotFoundError:
@@ -101,10 +109,18 @@ def verify(dataset: str, num_workers: int = 4) -> VerifyReport:
     manifest = read_manifest(dataset)
     shards = [s for split in manifest.splits.values() for s in split.shards]
     labels, problems = _label_index(dataset, manifest)
-    rows = {shard.name: slice(start, start + shard.samples) for split in manifest.splits for shard, start in _shard_starts(manifest, split)}
+    rows = {
+        shard.name: slice(start, start + shard.samples)
+        for split in manifest.splits
+        for shard, start in _shard_starts(manifest, split)
+    }
     # Threads suffice: hashing and JPEG decoding release the GIL.
     with ThreadPoolExecutor(max(1, num_workers)) as pool:
-        results = list(pool.map(lambda s: verify_shard(dataset, s, manifest, None if labels is None else labels[rows[s.name]]), shards))
+        results = list(
+            pool.map(
+                lambda s: verify_shard(dataset, s, manifest, None if labels is None else labels[rows[s.name]]), shards
+            )
+        )
     listed = {s.name for s in shards}
     return VerifyReport(
         shards=len(shards),

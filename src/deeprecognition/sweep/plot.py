@@ -12,7 +12,9 @@ from deeprecognition.sweep.spec import SearchField
 
 
 def _panel(ax, result: SweepResult, field: SearchField) -> None:
-    points = [(t.config[field.short], t.metrics[result.metric], t.status) for t in result.trials if result.metric in t.metrics]
+    points = [
+        (t.config[field.short], t.metrics[result.metric], t.status) for t in result.trials if result.metric in t.metrics
+    ]
     numeric = all(isinstance(x, (int, float)) and not isinstance(x, bool) for x, _, _ in points)
     categories = sorted({str(x) for x, _, _ in points})
     position = (lambda x: x) if numeric else (lambda x: categories.index(str(x)))
@@ -59,7 +61,7 @@ def sweep_png(result: SweepResult, search: tuple[SearchField, ...]) -> bytes:
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.8 * rows), squeeze=False)
     for ax, field in zip(axes.flat, search):
         _panel(ax, result, field)
-    for ax in list(axes.flat)[len(search):]:
+    for ax in list(axes.flat)[len(search) :]:
         ax.set_visible(False)
     if axes[0][0].get_legend_handles_labels()[0]:
         axes[0][0].legend(fontsize=8)

@@ -20,9 +20,26 @@ if TYPE_CHECKING:
     from ray.tune.experiment import Trial
 
 # Tune's bookkeeping in every result; a row keeps the loop's own metrics and how far Tune counted.
-_TUNE_KEYS = {"done", "trial_id", "checkpoint_path", "config", "timestamp", "date", "pid", "hostname", "node_ip", "time_this_iter_s",
-              "time_since_restore", "iterations_since_restore", "timesteps_total", "episodes_total", "timesteps_since_restore", "experiment_tag",
-              "checkpoint_dir_name", "should_checkpoint"}
+_TUNE_KEYS = {
+    "done",
+    "trial_id",
+    "checkpoint_path",
+    "config",
+    "timestamp",
+    "date",
+    "pid",
+    "hostname",
+    "node_ip",
+    "time_this_iter_s",
+    "time_since_restore",
+    "iterations_since_restore",
+    "timesteps_total",
+    "episodes_total",
+    "timesteps_since_restore",
+    "experiment_tag",
+    "checkpoint_dir_name",
+    "should_checkpoint",
+}
 # The floor a metric is shown with, when the loop reports one (README: every number with its floor).
 FLOORS = {"val/mean_accuracy": "val/mean_majority_baseline"}
 
@@ -56,8 +73,14 @@ class SweepResult:
 
     def to_json(self) -> dict[str, Any]:
         best = self.best
-        return {"name": self.name, "path": self.path, "metric": self.metric, "mode": self.mode,
-                "trials": [asdict(t) for t in self.trials], "best": asdict(best) if best else None}
+        return {
+            "name": self.name,
+            "path": self.path,
+            "metric": self.metric,
+            "mode": self.mode,
+            "trials": [asdict(t) for t in self.trials],
+            "best": asdict(best) if best else None,
+        }
 
 
 def trial_row(plan: TrialPlan, trial: Trial, state: str) -> TrialRow:
@@ -71,7 +94,9 @@ def trial_row(plan: TrialPlan, trial: Trial, state: str) -> TrialRow:
         ran, target, unit = result.get("epoch", -1) + 1, cfg.optim.epochs, "epochs"
     status = state if state != "ended" else "finished" if ran >= target else "stopped"
     metrics = {k: v for k, v in result.items() if k not in _TUNE_KEYS}
-    return TrialRow(trial.trial_id, dict(trial.config), metrics, result.get("checkpoint_path"), status, f"{ran}/{target} {unit}")
+    return TrialRow(
+        trial.trial_id, dict(trial.config), metrics, result.get("checkpoint_path"), status, f"{ran}/{target} {unit}"
+    )
 
 
 def trial_rows(plan: TrialPlan, path: str) -> list[TrialRow]:
@@ -100,15 +125,27 @@ def format_table(result: SweepResult) -> str:
     shorts = list(result.trials[0].config) if result.trials else []
     floor = FLOORS.get(result.metric)
     head = ["trial", *shorts, result.metric, *([floor] if floor else []), "progress", "status"]
-    body = [[t.trial_id, *(_cell(t.config.get(s)) for s in shorts), _cell(t.metrics.get(result.metric)),
-             *([_cell(t.metrics.get(floor))] if floor else []), t.progress, t.status] for t in result.trials]
+    body = [
+        [
+            t.trial_id,
+            *(_cell(t.config.get(s)) for s in shorts),
+            _cell(t.metrics.get(result.metric)),
+            *([_cell(t.metrics.get(floor))] if floor else []),
+            t.progress,
+            t.status,
+        ]
+        for t in result.trials
+    ]
     widths = [max(len(str(r[i])) for r in [head, *body]) for i in range(len(head))]
     lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in [head, *body]]
     best = result.best
     if best is not None:
         values = " ".join(f"{k}={_cell(v)}" for k, v in best.config.items())
-        lines += ["", f"best ({result.mode} {result.metric}): trial {best.trial_id}  {values}  {result.metric}={_cell(best.metrics[result.metric])}",
-                  f"checkpoint: {best.checkpoint}"]
+        lines += [
+            "",
+            f"best ({result.mode} {result.metric}): trial {best.trial_id}  {values}  {result.metric}={_cell(best.metrics[result.metric])}",
+            f"checkpoint: {best.checkpoint}",
+        ]
     return "\n".join(lines)
 
 
@@ -120,8 +157,17 @@ def csv_bytes(result: SweepResult) -> bytes:
     writer = csv.writer(out)
     writer.writerow(["trial_id", *shorts, result.metric, "status", "progress", *metrics, "checkpoint"])
     for t in result.trials:
-        writer.writerow([t.trial_id, *(t.config.get(s) for s in shorts), t.metrics.get(result.metric), t.status, t.progress,
-                         *(t.metrics.get(m) for m in metrics), t.checkpoint])
+        writer.writerow(
+            [
+                t.trial_id,
+                *(t.config.get(s) for s in shorts),
+                t.metrics.get(result.metric),
+                t.status,
+                t.progress,
+                *(t.metrics.get(m) for m in metrics),
+                t.checkpoint,
+            ]
+        )
     return out.getvalue().encode()
 
 

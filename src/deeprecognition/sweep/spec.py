@@ -14,9 +14,29 @@ from typing import Any
 import yaml
 
 from deeprecognition import storage
-from deeprecognition.config import GAN_PRESETS, PRESETS, ClassifierConfig, GanConfig, apply_overrides, from_dict, to_dict
+from deeprecognition.config import (
+    GAN_PRESETS,
+    PRESETS,
+    ClassifierConfig,
+    GanConfig,
+    apply_overrides,
+    from_dict,
+    to_dict,
+)
 
-KEYS = ("preset", "set", "search", "metric", "mode", "scheduler", "num_samples", "trial", "max_concurrent", "seed", "smoke")
+KEYS = (
+    "preset",
+    "set",
+    "search",
+    "metric",
+    "mode",
+    "scheduler",
+    "num_samples",
+    "trial",
+    "max_concurrent",
+    "seed",
+    "smoke",
+)
 SMOKE_KEYS = ("set", "search", "scheduler", "num_samples", "trial", "max_concurrent")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
 # Fields the sweep sets itself (from --data/--storage, the trial id and `trial:`), never the file.
@@ -89,7 +109,9 @@ class SweepSpec:
         return os.path.splitext(os.path.basename(self.file))[0]
 
 
-def load_spec(path: str, smoke: bool = False, overrides: tuple[str, ...] = (), num_samples: int | None = None) -> SweepSpec:
+def load_spec(
+    path: str, smoke: bool = False, overrides: tuple[str, ...] = (), num_samples: int | None = None
+) -> SweepSpec:
     """Read and check a sweep file; `smoke` applies its `smoke:` section, `overrides` (FIELD=VALUE)
     go on top of its `set:`, `num_samples` replaces its own."""
     try:  # safe_load: a tag that would build a Python object is an error, never a call
@@ -157,13 +179,17 @@ def _checked(base: Any, dotted: str, value: Any, where: str) -> Any:
 def _reserved(fields: list[str], where: str) -> None:
     taken = [f for f in fields if f in RESERVED]
     if taken:
-        raise ValueError(f"{where} cannot set {', '.join(taken)}: the sweep sets them from --data, --storage, the trial id and trial.workers/gpu")
+        raise ValueError(
+            f"{where} cannot set {', '.join(taken)}: the sweep sets them from --data, --storage, the trial id and trial.workers/gpu"
+        )
 
 
 def _distribution(base: Any, dotted: str, spec: Any) -> Distribution:
     where = f"search.{dotted}"
     if not (isinstance(spec, dict) and len(spec) == 1):
-        raise ValueError(f"{where} must be one distribution, e.g. {{grid: [1, 2]}}; distributions: {', '.join(DISTRIBUTIONS)}")
+        raise ValueError(
+            f"{where} must be one distribution, e.g. {{grid: [1, 2]}}; distributions: {', '.join(DISTRIBUTIONS)}"
+        )
     ((kind, values),) = spec.items()
     if kind not in DISTRIBUTIONS:
         raise ValueError(f"{where}: unknown distribution {kind!r}; distributions: {', '.join(DISTRIBUTIONS)}")
@@ -177,7 +203,9 @@ def _distribution(base: Any, dotted: str, spec: Any) -> Distribution:
         raise not_a_range
     low, high = values
     if not low < high or (kind == "loguniform" and low <= 0):
-        raise ValueError(f"{where}: {kind} needs {'0 < ' if kind == 'loguniform' else ''}low < high, got [{low}, {high}]")
+        raise ValueError(
+            f"{where}: {kind} needs {'0 < ' if kind == 'loguniform' else ''}low < high, got [{low}, {high}]"
+        )
     checked = tuple(_checked(base, dotted, v, where) for v in values)
     if not all(isinstance(v, float) for v in checked):
         raise not_a_range
@@ -192,7 +220,9 @@ def _search(base: Any, raw: Any) -> tuple[SearchField, ...]:
     by_short: dict[str, str] = {}
     for f in fields:
         if f.short in by_short:
-            raise ValueError(f"search fields {by_short[f.short]} and {f.field} share the short name {f.short!r}: search one of them")
+            raise ValueError(
+                f"search fields {by_short[f.short]} and {f.field} share the short name {f.short!r}: search one of them"
+            )
         by_short[f.short] = f.field
     return fields
 
@@ -215,7 +245,9 @@ def _scheduler(raw: Any) -> SchedulerSpec:
     if sched.time_attr not in ("training_iteration", "time_total_s"):
         raise ValueError(f"scheduler.time_attr must be training_iteration or time_total_s, got {sched.time_attr!r}")
     if not 1 <= sched.grace_period <= sched.max_t or sched.reduction_factor <= 1:
-        raise ValueError(f"scheduler needs 1 <= grace_period <= max_t and reduction_factor > 1, got {sched.grace_period}, {sched.max_t}, {sched.reduction_factor}")
+        raise ValueError(
+            f"scheduler needs 1 <= grace_period <= max_t and reduction_factor > 1, got {sched.grace_period}, {sched.max_t}, {sched.reduction_factor}"
+        )
     return sched
 
 
@@ -234,8 +266,12 @@ def _parse(path: str, raw: dict, overrides: tuple[str, ...], num_samples: int | 
     if trial.workers < 1:
         raise ValueError(f"trial.workers must be at least 1, got {trial.workers}")
     if trial.max_failures < 0:
-        raise ValueError(f"trial.max_failures must be 0 (a failed trial stays failed) or more, got {trial.max_failures}")
-    base = apply_overrides(_preset(raw.get("preset")), settings + [f"scale.num_workers={trial.workers}", f"scale.gpu={trial.gpu}"]).validate()
+        raise ValueError(
+            f"trial.max_failures must be 0 (a failed trial stays failed) or more, got {trial.max_failures}"
+        )
+    base = apply_overrides(
+        _preset(raw.get("preset")), settings + [f"scale.num_workers={trial.workers}", f"scale.gpu={trial.gpu}"]
+    ).validate()
     search = _search(base, raw.get("search"))
     clash = sorted({f.field for f in search} & set(set_fields))  # the search would silently win
     if clash:

@@ -35,7 +35,9 @@ class TrialPlan:
 def trial_config(plan: TrialPlan, values: dict[str, Any], trial_id: str) -> ClassifierConfig | GanConfig:
     """The trial's config; its run is named by the trial id (never a timestamp), so a trial that
     Tune restarts (--resume, a lost node) finds and continues its own Train run."""
-    cfg = apply_overrides(from_dict(CONFIG_TYPES[plan.kind], plan.base), [f"{plan.fields[k]}={v}" for k, v in values.items()])
+    cfg = apply_overrides(
+        from_dict(CONFIG_TYPES[plan.kind], plan.base), [f"{plan.fields[k]}={v}" for k, v in values.items()]
+    )
     return dataclasses.replace(cfg, storage=plan.runs, name=trial_id)
 
 

@@ -16,11 +16,11 @@ from typing import Any
 
 from ray import tune
 
-from deeprecognition.runs import placement
 from deeprecognition import storage
 from deeprecognition.config import apply_overrides, to_dict
 from deeprecognition.launch import absolute_paths, check_before_workers, ray_storage_path
 from deeprecognition.raycluster import cluster_capacity, ensure_ray
+from deeprecognition.runs import placement
 from deeprecognition.sweep.plot import sweep_png
 from deeprecognition.sweep.results import SweepResult, TrialLog, csv_bytes, ranked, trial_rows
 from deeprecognition.sweep.spec import SweepSpec, load_spec
@@ -45,19 +45,28 @@ def check_capacity(spec: SweepSpec) -> None:
     """Refuse a trial that this cluster can never place (Tune would wait for it forever)."""
     trial = spec.trial
     placement.check_gpu_type(spec.base.scale.gpu_type)
-    need = {k: v * trial.workers for k, v in placement.worker_resources(spec.base).items()}  # the trial's driver holds none
+    need = {
+        k: v * trial.workers for k, v in placement.worker_resources(spec.base).items()
+    }  # the trial's driver holds none
     capacity = cluster_capacity()
     short = {k: v for k, v in need.items() if v > capacity.get(k, 0)}
     if short:
         wants = ", ".join(f"{v:g} {k}" for k, v in need.items())
         has = ", ".join(f"{capacity.get(k, 0):g} {k}" for k in short)
-        raise ValueError(f"{spec.file}: one trial needs {wants} for its {trial.workers} worker(s), but this Ray cluster can hold at most {has}: "
-                         "lower trial.workers, set trial.gpu: false, lower data.loader_workers, or use a bigger cluster")
+        raise ValueError(
+            f"{spec.file}: one trial needs {wants} for its {trial.workers} worker(s), but this Ray cluster can hold at most {has}: "
+            "lower trial.workers, set trial.gpu: false, lower data.loader_workers, or use a bigger cluster"
+        )
 
 
 def param_space(spec: SweepSpec) -> dict[str, Any]:
     """The searched fields by short name, as Tune's search space."""
-    make = {"grid": tune.grid_search, "choice": tune.choice, "uniform": lambda v: tune.uniform(*v), "loguniform": lambda v: tune.loguniform(*v)}
+    make = {
+        "grid": tune.grid_search,
+        "choice": tune.choice,
+        "uniform": lambda v: tune.uniform(*v),
+        "loguniform": lambda v: tune.loguniform(*v),
+    }
     return {f.short: make[f.dist.kind](list(f.dist.values)) for f in spec.search}
 
 
@@ -67,7 +76,9 @@ def _scheduler(spec: SweepSpec):
     s = spec.scheduler
     if s.name == "fifo":
         return FIFOScheduler()
-    return ASHAScheduler(time_attr=s.time_attr, max_t=s.max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    return ASHAScheduler(
+        time_attr=s.time_attr, max_t=s.max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor
+    )
 
 
 def _record(spec: SweepSpec) -> dict[str, Any]:
@@ -88,23 +99,34 @@ def _fresh(spec: SweepSpec, root: str, name: str, trainable, plan: TrialPlan) ->
         trainable,
         param_space=param_space(spec),
         tune_config=tune.TuneConfig(
-            metric=spec.metric, mode=spec.mode, scheduler=_scheduler(spec), num_samples=spec.num_samples,
+            metric=spec.metric,
+            mode=spec.mode,
+            scheduler=_scheduler(spec),
+            num_samples=spec.num_samples,
             search_alg=BasicVariantGenerator(max_concurrent=spec.max_concurrent, random_state=spec.seed),
         ),
         # A trial whose driver dies (its node lost, no room for its workers within
         # scale.start_timeout_s) runs again, resuming its own Train run from its checkpoint.
-        run_config=tune.RunConfig(name=name, storage_path=root, callbacks=[TrialLog(plan, path)],
-                                  failure_config=tune.FailureConfig(max_failures=spec.trial.max_failures)),
+        run_config=tune.RunConfig(
+            name=name,
+            storage_path=root,
+            callbacks=[TrialLog(plan, path)],
+            failure_config=tune.FailureConfig(max_failures=spec.trial.max_failures),
+        ),
     )
 
 
 def _resumed(spec: SweepSpec, path: str, trainable) -> tune.Tuner:
     if not tune.Tuner.can_restore(path):
-        raise ValueError(f"no sweep to resume at {path}: check --storage and --name (without --resume a new sweep starts)")
+        raise ValueError(
+            f"no sweep to resume at {path}: check --storage and --name (without --resume a new sweep starts)"
+        )
     saved = json.loads(storage.read_required(storage.join(path, RECORD), "the record of the sweep"))
     changed = sorted(k for k, v in _record(spec).items() if saved.get(k) != v)
     if changed:
-        raise ValueError(f"the sweep at {path} was started with other {', '.join(changed)}: resume it with the same file and options, or start a new one with --name")
+        raise ValueError(
+            f"the sweep at {path} was started with other {', '.join(changed)}: resume it with the same file and options, or start a new one with --name"
+        )
     # Errored trials are resumed from their Train run's latest checkpoint, like interrupted ones.
     return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
 
@@ -121,7 +143,13 @@ def run_sweep(options: SweepOptions) -> SweepResult:
     name = options.name or spec.stem + ("-smoke" if options.smoke else "")
     root = ray_storage_path(options.storage)
     path = storage.join(root, name)
-    plan = TrialPlan(kind=spec.kind, base=to_dict(base), fields={f.short: f.field for f in spec.search}, metric=spec.metric, runs=storage.join(path, "trials"))
+    plan = TrialPlan(
+        kind=spec.kind,
+        base=to_dict(base),
+        fields={f.short: f.field for f in spec.search},
+        metric=spec.metric,
+        runs=storage.join(path, "trials"),
+    )
     # The trial's driver only waits on its Train run: it holds no CPU (Tune's default is one), so a
     # trial takes what its workers take and max_concurrent alone decides how many run. Tune wants a
     # non-empty request: one byte of memory.
