@@ -9,7 +9,7 @@ DATA ?= shards/celeba-128
 # The cluster image (cluster/aws.yaml, cluster/kuberay-rayjob.yaml name the same): VERSION-rayRAY-pyXY-gpu.
 IMAGE ?= ghcr.io/deeprecognition/deeprecognition:0.1.0-ray2.60.0-py311-gpu
 
-.PHONY: install demo test bench image clean
+.PHONY: install demo lint test bench image clean
 
 install: $(BIN)/.installed
 
@@ -41,7 +41,12 @@ endif
 	rm -rf shards/sweeps/cnn_layers-smoke
 	$(BIN)/deeprec tune tune_configs/cnn_layers.yaml --data $(DATA) --storage shards/sweeps --smoke
 
-test: install
+# ruff's rules and format (pyproject.toml [tool.ruff]); `ruff format src tests` fixes the format.
+lint: install
+	$(BIN)/ruff check src tests
+	$(BIN)/ruff format --check src tests
+
+test: install lint
 	$(BIN)/pytest
 
 bench: install

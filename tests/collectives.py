@@ -26,71 +26,31 @@ Usage (`fn` must be importable, i.e. module-level; its arguments and return valu
     assert [r.value for r in results] == [1.0, 1.0]
     assert_same_collectives([r.record for r in results])
 
-What is recorded: every call to a name in COLLECTIVES made through `torch.distributed.X` or
-`torch.distributed.distributed_c10d.X` at call time (our code and torchmetrics both do), as the op,
-its tensor arguments (shape, dtype, device), the reduce op and the root or peer. Torch builds some
-calls from others (all_gather_object runs two all_gather, broadcast_object_list two broadcast, send
-runs isend): the inner calls are recorded too, one `depth` deeper, because their tensors are the ones
-that travel; under NCCL they sit on `torch.cuda.current_device()`, so if the ranks never call
-`torch.cuda.set_device`, every rank but 0 shows a violation (cuda:0 where cuda:{rank} is expected). Object arguments (`obj`, `object_list`) are pickled,
-not sent as tensors, so they carry no device rule.
-
-What it cannot see:
-- DDP's own traffic: the constructor's shape check and parameter broadcast (`_broadcast_coalesced`)
-  and the reducer's bucket all_reduce run in C++. They are symmetric by construction when every rank
-  builds the same model and runs the same number of backward passes (uneven batch counts per rank
-  hang; only gloo's timeout shows that).
-- Functional collectives and DTensor (`torch.distributed._functional_collectives`), which go through
-  the c10d op dispatcher, not these functions.
-- A name bound before recording starts (`from torch.distributed import all_reduce` in a module that
-  `fn`'s module imports): call collectives through the module.
-- Subgroups: records are compared whole, and a rank outside a group skips that group's calls.
-TORCH_DISTRIBUTED_DEBUG=DETAIL makes gloo raise on mismatched collectives itself, but with torch
-2.14.1 it segfaults in DDP's constructor on gloo; this recorder works with DDP.
+What is recorded, and what the recorder cannot see: tests/collective_record.py. How records are
+compared: tests/collective_compare.py.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import functools
-import inspect
-import json
 import multiprocessing
 import os
 import pickle
 import tempfile
-import threading
 import time
 import traceback
-from collections import defaultdict
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from datetime import timedelta
 from multiprocessing.process import BaseProcess
-from typing import Any, TextIO
+from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.distributed_c10d as c10d
 
-SENDS = frozenset({"send", "isend"})
-RECVS = frozenset({"recv", "irecv"})
-# Point-to-point calls pair a send on one rank with a recv on another: they are matched per
-# (sender, receiver) channel, not compared rank against rank.
-P2P = SENDS | RECVS | {"batch_isend_irecv", "send_object_list", "recv_object_list"}
-COLLECTIVES = (
-    "all_reduce", "all_reduce_coalesced", "reduce", "reduce_scatter", "reduce_scatter_single",
-    "reduce_scatter_tensor", "all_gather", "all_gather_single", "all_gather_into_tensor",
-    "all_gather_coalesced", "all_gather_object", "gather", "gather_single", "gather_into_tensor",
-    "gather_object", "scatter", "scatter_object_list", "broadcast", "broadcast_object_list",
-    "all_to_all", "all_to_all_single", "barrier", "monitored_barrier", *sorted(P2P),
-)  # fmt: skip
-_OBJECT_ARGS = frozenset(
-    {"obj", "object_list", "object_gather_list", "scatter_object_input_list", "scatter_object_output_list"}
-)
-# Only the root passes these (other ranks pass None), so they are device-checked but not compared.
-_ROOT_ONLY_ARGS = frozenset({"gather_list", "gather_tensor", "scatter_list"})
-_PEER_ARGS = ("src", "dst", "group_src", "group_dst")
+from .collective_compare import assert_same_collectives, problems
+from .collective_record import Call, TensorArg, read_record, record_collectives
+
+__all__ = ["Call", "RankResult", "RanksFailed", "TensorArg", "assert_same_collectives", "run_ranks"]
 
 # Spawning a rank and importing torch takes seconds, more on a loaded machine: the rendezvous waits
 # this long for the slowest rank, and only then does the clock for deadline_s start.
@@ -98,43 +58,6 @@ _STARTUP_S = 120.0
 # The time a rank that has written its result has to exit before it is terminated.
 _EXIT_S = 5.0
 _POLL_S = 0.05
-
-
-@dataclasses.dataclass(frozen=True)
-class TensorArg:
-    name: str  # the argument, with the index inside a list: "tensor", "tensor_list[1]"
-    shape: tuple[int, ...]
-    dtype: str  # "float32"
-    device: str  # "cpu", "cuda:1"
-
-    @property
-    def layout(self) -> str:
-        return f"{self.dtype}[{','.join(map(str, self.shape))}]"
-
-    def __str__(self) -> str:
-        return f"{self.name}={self.layout}@{self.device}"
-
-
-@dataclasses.dataclass(frozen=True)
-class Call:
-    """One recorded call, in the rank's call order."""
-
-    index: int
-    op: str
-    depth: int  # 0: called by user or library code; 1: inside another recorded call; ...
-    tensors: tuple[TensorArg, ...]
-    reduce_op: str | None
-    peer: int | None  # src/dst: the root of a rooted collective, the other end of a send/recv
-    violations: tuple[str, ...]  # tensors not on the rank's expected device
-    returned: bool = True  # False: the rank was stuck in it, or it raised
-
-    def __str__(self) -> str:
-        parts = [str(t) for t in self.tensors]
-        parts += [f"op={self.reduce_op}"] if self.reduce_op else []
-        parts += [f"{'peer' if self.op in P2P else 'root'}={self.peer}"] if self.peer is not None else []
-        nested = f" [nested {self.depth}]" if self.depth else ""
-        stuck = "" if self.returned else " (did not return)"
-        return f"call {self.index}: {self.op}({', '.join(parts)}){nested}{stuck}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,208 +116,6 @@ def run_ranks(
     if any(errors):
         raise RanksFailed(_failure_report(errors, records), records)
     return [RankResult(rank, outcome["value"], record) for rank, (outcome, record) in enumerate(zip(outcomes, records))]
-
-
-def assert_same_collectives(records: Sequence[Sequence[Call]]) -> None:
-    """Fails unless every rank made the same collectives (op, order, shapes, dtypes, reduce op, root;
-    nested calls included), every send has its recv, and no tensor was on the wrong device.
-
-    Shapes must match even for all_gather-like calls: NCCL's all_gather, all_reduce and broadcast
-    need equal shapes on all ranks. Uneven all_to_all splits would be reported; compare those
-    records yourself.
-    """
-    problems = _problems(records)
-    if problems:
-        raise AssertionError("\n".join(problems))
-
-
-# --- recording, inside each rank ---
-
-
-@contextlib.contextmanager
-def record_collectives(path: str, expected_device: torch.device) -> Iterator[None]:
-    """Records every call to a name in COLLECTIVES to `path` (JSON lines) while active."""
-    # Some names exist only in recent torch (all_gather_single); the others are recorded anyway.
-    originals = {name: getattr(c10d, name) for name in COLLECTIVES if hasattr(c10d, name)}
-    with open(path, "w", encoding="utf-8") as file:
-        recorder = _Recorder(file, expected_device)
-        for name, original in originals.items():
-            _patch(name, recorder.wrap(name, original))
-        try:
-            yield
-        finally:
-            for name, original in originals.items():
-                _patch(name, original)
-
-
-def _patch(name: str, function: Callable[..., Any]) -> None:
-    # Callers use either module's name; c10d's own inner calls (all_gather_object -> all_gather)
-    # look up its module globals.
-    setattr(c10d, name, function)
-    if hasattr(dist, name):
-        setattr(dist, name, function)
-
-
-class _Recorder:
-    """Writes a JSON line when a call starts and one when it returns, flushed at once, so that a
-    rank killed inside a call leaves its record up to and including that call."""
-
-    def __init__(self, file: TextIO, expected_device: torch.device) -> None:
-        self._file = file
-        self._expected_device = expected_device
-        self._lock = threading.RLock()  # _start writes while it holds it
-        self._count = 0
-        self._depth = threading.local()
-
-    def wrap(self, op: str, original: Callable[..., Any]) -> Callable[..., Any]:
-        signature = inspect.signature(original)
-
-        @functools.wraps(original)
-        def recorded(*args: Any, **kwargs: Any) -> Any:
-            bound = signature.bind(*args, **kwargs)
-            bound.apply_defaults()  # all_reduce(t) records its default op=SUM
-            depth = getattr(self._depth, "value", 0)
-            index = self._start(op, depth, bound.arguments)
-            self._depth.value = depth + 1
-            try:
-                result = original(*args, **kwargs)
-            finally:
-                self._depth.value = depth
-            self._write({"returned": index})
-            return result
-
-        return recorded
-
-    def _start(self, op: str, depth: int, arguments: dict[str, Any]) -> int:
-        tensors = list(_tensor_args(arguments))
-        with self._lock:
-            call = Call(
-                index=self._count,
-                op=op,
-                depth=depth,
-                tensors=tuple(_describe(name, t) for name, t in tensors),
-                reduce_op=_reduce_op_name(arguments.get("op")),
-                peer=next((arguments[k] for k in _PEER_ARGS if arguments.get(k) is not None), None),
-                violations=tuple(
-                    f"{name} on {t.device}, expected {self._expected_device}"
-                    for name, t in tensors
-                    if t.device != self._expected_device
-                ),
-            )
-            self._count += 1
-            # "returned" is known only later: its own line says so
-            self._write({k: v for k, v in dataclasses.asdict(call).items() if k != "returned"})
-        return call.index
-
-    def _write(self, entry: dict[str, Any]) -> None:
-        with self._lock:
-            self._file.write(json.dumps(entry) + "\n")
-            self._file.flush()
-
-
-def _tensor_args(arguments: dict[str, Any]) -> Iterator[tuple[str, torch.Tensor]]:
-    for name, value in arguments.items():
-        if name not in _OBJECT_ARGS:
-            yield from _tensors_in(name, value)
-
-
-def _tensors_in(name: str, value: Any) -> Iterator[tuple[str, torch.Tensor]]:
-    if isinstance(value, torch.Tensor):
-        yield name, value
-    elif isinstance(value, (list, tuple)):  # tensor lists, and all_gather_coalesced's lists of lists
-        for i, item in enumerate(value):
-            yield from _tensors_in(f"{name}[{i}]", item)
-
-
-def _describe(name: str, tensor: torch.Tensor) -> TensorArg:
-    return TensorArg(name, tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."), str(tensor.device))
-
-
-def _reduce_op_name(op: Any) -> str | None:
-    return None if op is None else getattr(op, "name", None) or str(op)
-
-
-def read_record(path: str) -> list[Call]:
-    """A rank's calls as `record_collectives` wrote them; [] when the rank never started."""
-    if not os.path.exists(path):
-        return []
-    starts: list[dict[str, Any]] = []
-    returned: set[int] = set()
-    with open(path, encoding="utf-8") as file:
-        for line in file:
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError:  # the line a killed rank was writing
-                break
-            if "returned" in entry:
-                returned.add(entry["returned"])
-            else:
-                starts.append(entry)
-    return [_call_from_json(entry, entry["index"] in returned) for entry in starts]
-
-
-def _call_from_json(entry: dict[str, Any], returned: bool) -> Call:
-    tensors = tuple(TensorArg(**{**t, "shape": tuple(t["shape"])}) for t in entry["tensors"])
-    return Call(**{**entry, "tensors": tensors, "violations": tuple(entry["violations"]), "returned": returned})
-
-
-# --- comparing records ---
-
-
-def _problems(records: Sequence[Sequence[Call]]) -> list[str]:
-    divergence = _divergence(records)
-    return ([divergence] if divergence else []) + _p2p_mismatches(records) + _device_violations(records)
-
-
-def _comparable(call: Call) -> tuple[Any, ...]:
-    tensors = tuple((t.name, t.shape, t.dtype) for t in call.tensors if t.name.split("[")[0] not in _ROOT_ONLY_ARGS)
-    return call.op, call.depth, call.reduce_op, call.peer, tensors
-
-
-def _divergence(records: Sequence[Sequence[Call]]) -> str | None:
-    collectives = [[call for call in record if call.op not in P2P] for record in records]
-    keys = [[_comparable(call) for call in calls] for calls in collectives]
-    for position in range(max(map(len, keys), default=0)):
-        # A slice, not an index: a rank whose record has ended gives (), which differs from any call.
-        if len({tuple(k[position : position + 1]) for k in keys}) == 1:
-            continue
-        lines = [f"collectives diverge at #{position} (send/recv left out):"]
-        for rank, calls in enumerate(collectives):
-            here = str(calls[position]) if position < len(calls) else f"no call (only {len(calls)} collectives)"
-            lines.append(f"  rank {rank}: {here}")
-        return "\n".join(lines)
-    return None
-
-
-def _p2p_mismatches(records: Sequence[Sequence[Call]]) -> list[str]:
-    sent: defaultdict[tuple[Any, Any], list[str]] = defaultdict(list)
-    received: defaultdict[tuple[Any, Any], list[str]] = defaultdict(list)
-    for rank, record in enumerate(records):
-        for call, after in zip(record, [*record[1:], None]):
-            if after is not None and after.depth > call.depth:
-                continue  # send -> isend: the innermost call is the transfer; count it once
-            payload = ", ".join(t.layout for t in call.tensors)
-            if call.op in SENDS:
-                sent[(rank, call.peer)].append(payload)
-            elif call.op in RECVS:  # peer None (any source) never matches: NCCL has no such recv
-                received[(call.peer, rank)].append(payload)
-    return [
-        f"send/recv {src}->{dst}: sent {sent[(src, dst)]}, received {received[(src, dst)]}"
-        for src, dst in sorted(set(sent) | set(received), key=str)
-        if sent[(src, dst)] != received[(src, dst)]
-    ]
-
-
-def _device_violations(records: Sequence[Sequence[Call]]) -> list[str]:
-    return [
-        f"wrong device on rank {rank}, {call}: {violation}"
-        for rank, record in enumerate(records)
-        for call in record
-        for violation in call.violations
-    ]
-
-
-# --- running ranks ---
 
 
 @dataclasses.dataclass(frozen=True)
@@ -507,7 +228,7 @@ def _failure_report(errors: list[str | None], records: list[list[Call]]) -> str:
         open_calls = [str(call) for call in record if not call.returned]
         where = f"in {' > '.join(open_calls)}" if open_calls else f"no open call ({len(record)} recorded)"
         lines.append(f"  rank {rank}: {status}; {where}")
-    lines += _problems(records)
+    lines += problems(records)
     for rank, error in enumerate(errors):
         if error and "\n" in error.strip():
             lines += [f"--- rank {rank} ---", error.rstrip()]

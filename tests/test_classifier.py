@@ -1,5 +1,6 @@
 """The classifier loop: learns in one plain process, resumes from its checkpoint, runs as a 2-worker
-gloo DDP job on Ray Train with checkpoints in S3, and refuses bad configs before any worker starts."""
+gloo DDP job on Ray Train with checkpoints in S3, keeps two gloo ranks' weights identical while they
+train on different batches, and refuses bad configs before any worker starts."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import sys
 import threading
 import time
 
@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from deeprecognition import storage
-from deeprecognition.classifier.evaluate import evaluate_checkpoint
-from deeprecognition.classifier.loop import majority_of, train_loop_per_worker
+from deeprecognition.classifier.evaluate import evaluate_checkpoint, majority_of
+from deeprecognition.classifier.loop import train_loop_per_worker
 from deeprecognition.cli import main
 from deeprecognition.config import ClassifierConfig, apply_overrides, to_dict
 from deeprecognition.errors import InputError
@@ -25,6 +25,7 @@ from deeprecognition.runs.checkpoint import load_state
 from deeprecognition.shards.loader import LoaderConfig, make_loader
 from deeprecognition.shards.manifest import read_manifest
 
+from .collectives import assert_same_collectives, run_ranks
 from .conftest import BUCKET, COLLECTIVE_TIMEOUT_S, repartitioned
 
 
@@ -206,53 +207,52 @@ def test_frozen_backbone_head_trains_on_cached_features_and_matches_the_full_mod
     assert any(k.startswith("backbone.") for k in state["model"]) and any(k.startswith("head.") for k in state["model"])
 
 
-def _ddp_probe(config: dict) -> None:
-    """Runs in each Ray Train worker: what this rank reads, and its weights after one DDP step."""
-    import ray.train
+def _training_rank(rank: int, world_size: int, config: dict) -> dict:
+    """Runs our loop on this gloo rank; returns the CNN's parameters at its first forward and at the
+    end, and a fingerprint of every batch it trained on (seen by a global forward pre-hook)."""
+    from torch.nn.modules.module import register_module_forward_pre_hook
 
     from deeprecognition.classifier.cnn import PaperCNN
-    from deeprecognition.shards.loader import LoaderConfig, make_loader
 
-    rank = ray.train.get_context().get_world_rank()
-    # The train split in evaluation mode: its 5 shards split between the ranks, each image once.
-    pass_keys = [
-        k
-        for b in make_loader(LoaderConfig(data=config["data"], split="train", training=False, num_workers=0))
-        for k in b.keys
-    ]
-    batch = next(iter(make_loader(LoaderConfig(data=config["data"], batch_size=16, num_workers=0, targets=("Male",)))))
-    torch.manual_seed(rank)  # a different init on each rank: DDP must start them all from rank 0's
-    model = torch.nn.parallel.DistributedDataParallel(PaperCNN(layers=2, num_outputs=1, image_size=64))
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    torch.nn.functional.binary_cross_entropy_with_logits(
-        model(batch.images.float() / 255), batch.targets.float()
-    ).backward()
-    optimizer.step()
-    weights = torch.cat([p.detach().flatten() for p in model.parameters()])
-    with open(os.path.join(config["out"], f"rank{rank}.json"), "w") as f:
-        json.dump({"pass_keys": pass_keys, "train_keys": batch.keys, "weights": weights.tolist()}, f)
-    ray.train.report({"rank": rank})
+    seen: dict = {"batches": []}
+
+    def parameters(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+    def before_forward(module: torch.nn.Module, args: tuple) -> None:
+        if isinstance(module, PaperCNN):
+            if "model" not in seen:  # after DDP's constructor, before the first step
+                seen["model"], seen["initial"] = module, parameters(module)
+            if module.training:
+                seen["batches"].append(args[0].double().sum().item())
+
+    handle = register_module_forward_pre_hook(before_forward)
+    try:
+        train_loop_per_worker(config)
+    finally:
+        handle.remove()
+    return {"initial": seen["initial"], "final": parameters(seen["model"]), "batches": seen["batches"]}
 
 
-def test_ddp_ranks_read_different_shards_and_hold_the_same_weights_after_a_step(faces64, tmp_path):
-    import ray.cloudpickle
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # Ray workers cannot import tests/
-    trainer = TorchTrainer(
-        _ddp_probe,
-        train_loop_config={"data": faces64, "out": str(tmp_path)},
-        scaling_config=ScalingConfig(num_workers=2),
-        run_config=RunConfig(storage_path=str(tmp_path / "storage"), name="probe"),
-    )
-    trainer.fit()
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert ranks[0]["pass_keys"] and ranks[1]["pass_keys"]
-    assert not set(ranks[0]["pass_keys"]) & set(ranks[1]["pass_keys"])
-    assert len(ranks[0]["pass_keys"]) + len(ranks[1]["pass_keys"]) == read_manifest(faces64).splits["train"].samples
-    assert ranks[0]["train_keys"] != ranks[1]["train_keys"]
-    assert torch.equal(torch.tensor(ranks[0]["weights"]), torch.tensor(ranks[1]["weights"]))
+def test_two_gloo_ranks_of_our_loop_train_on_different_batches_and_end_with_the_same_moved_weights(faces64, tmp_path):
+    """The classifier loop itself on two ranks (separate processes, as torchrun starts them): DDP
+    averages the ranks' gradients, so ranks that train on different batches hold the same weights
+    after every step; the weights moved; and rank 0's checkpoint holds exactly them."""
+    epochs, steps = 2, 3
+    cfg = config(faces64, str(tmp_path), "name=ddp2", f"optim.epochs={epochs}", f"optim.steps_per_epoch={steps}")
+    results = run_ranks(_training_rank, 2, args=(to_dict(cfg),), timeout_s=COLLECTIVE_TIMEOUT_S)
+    assert_same_collectives([r.record for r in results])
+    rank0, rank1 = (r.value for r in results)
+    assert len(rank0["batches"]) == len(rank1["batches"]) == epochs * steps  # equal steps: DDP needs them
+    assert all(a != b for a, b in zip(rank0["batches"], rank1["batches"]))  # each rank its own images
+    assert set(rank0["final"]) == set(rank1["final"]) == set(rank0["initial"])
+    for name, weights in rank0["final"].items():
+        assert torch.equal(rank0["initial"][name], rank1["initial"][name]), name
+        assert torch.equal(weights, rank1["final"][name]), name
+        assert not torch.equal(weights, rank0["initial"][name]), name
+    saved = load_state(str(tmp_path / "ddp2" / f"checkpoint_{epochs - 1:06d}"))
+    assert all(torch.equal(saved["model"][name], weights) for name, weights in rank0["final"].items())
+    assert epochs_logged_metrics(str(tmp_path / "ddp2"))[-1]["world_size"] == 2
 
 
 def test_a_continued_run_trains_at_the_learning_rate_it_is_given(faces64, tmp_path, capsys):

@@ -1,11 +1,13 @@
 """The cluster's files, checked without a cloud or a Docker engine: cluster/aws.yaml through Ray's own
 validation plus the rules Ray does not check, the KubeRay RayJob's shape, the Dockerfile through
-hadolint and against pyproject.toml, and every `deeprec` command the cluster docs show through the
-CLI's own parser."""
+hadolint and against pyproject.toml, and every `deeprec` command the docs show through the CLI: each
+`train` command resolved by the config builders (`--dry-run`), the others through its parser."""
 
 from __future__ import annotations
 
+import argparse
 import copy
+import json
 import os
 import re
 import shlex
@@ -18,7 +20,7 @@ import tomllib
 import yaml
 from packaging.specifiers import SpecifierSet
 
-from deeprecognition.cli import _parser
+from deeprecognition.cli import main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -166,7 +168,7 @@ def test_the_one_time_iam_script_is_valid_bash():
     assert subprocess.run(["bash", "-n", os.path.join(REPO, "cluster/aws-iam.sh")]).returncode == 0
 
 
-def test_kuberay_rayjob_runs_the_same_image_and_a_deeprec_entrypoint():
+def test_kuberay_rayjob_runs_the_same_image_and_a_deeprec_entrypoint(capsys):
     assert RAYJOB["apiVersion"] == "ray.io/v1" and RAYJOB["kind"] == "RayJob"
     spec = RAYJOB["spec"]
     cluster = spec["rayClusterSpec"]
@@ -181,7 +183,7 @@ def test_kuberay_rayjob_runs_the_same_image_and_a_deeprec_entrypoint():
     ]
     assert gpu["minReplicas"] == 0 and cluster["enableInTreeAutoscaling"] is True
     assert not SECRETS.search(read("cluster/kuberay-rayjob.yaml"))
-    assert_parses(shlex.split(spec["entrypoint"]))
+    assert_resolves(shlex.split(spec["entrypoint"]), capsys)
 
 
 def deeprec_commands(markdown: str) -> list[list[str]]:
@@ -198,18 +200,83 @@ def deeprec_commands(markdown: str) -> list[list[str]]:
     return commands
 
 
-def assert_parses(words: list[str]) -> None:
-    if words[:3] == ["python", "-m", "deeprecognition"]:
-        words = words[3:]
-    try:
-        _parser().parse_args(words)
-    except SystemExit:
-        pytest.fail(f"not a valid deeprec command: {' '.join(words)}")
+def _argv(words: list[str]) -> list[str]:
+    """The arguments of a command line that starts `python -m deeprecognition` or has none of it."""
+    return words[3:] if words[:3] == ["python", "-m", "deeprecognition"] else words
+
+
+class _Parsed(BaseException):
+    """Raised in place of running a command once its arguments parsed (not an Exception: nothing
+    on the way out may take it for an error of the command)."""
+
+
+def assert_parses(words: list[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """`deeprec WORDS` through the CLI's own main up to where its arguments are parsed, stopping
+    there: for commands without a --dry-run (pack, tune, evaluate, ...), which would run."""
+    words = _argv(words)
+    parse_args = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(parser, *args, **kwargs):
+        parse_args(parser, *args, **kwargs)
+        raise _Parsed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+        try:
+            main(words)
+        except SystemExit:
+            pytest.fail(f"not a valid deeprec command: {' '.join(words)}")
+        except _Parsed:
+            return
+    pytest.fail(f"deeprec {' '.join(words)} ran without parsing its arguments")
+
+
+def assert_dry_run(words: list[str], capsys: pytest.CaptureFixture) -> dict:
+    """`deeprec train ... --dry-run`: the config builders resolve the command (preset, flags, --set)
+    and check every field, then the resolved config comes out as JSON, which is returned."""
+    words = _argv(words)
+    capsys.readouterr()
+    code = main([*words, "--dry-run"])
+    out, err = capsys.readouterr()
+    assert code == 0, f"deeprec {' '.join(words)} --dry-run: {err.strip()}"
+    return json.loads(out)
+
+
+def flag(words: list[str], name: str) -> str | None:
+    return words[words.index(name) + 1] if name in words else None
+
+
+def assert_resolves(words: list[str], capsys: pytest.CaptureFixture) -> None:
+    """A train command's resolved config holds what its flags say."""
+    cfg = assert_dry_run(words, capsys)
+    for option, value in (("--data", cfg["data"]["data"]), ("--storage", cfg["storage"]), ("--name", cfg["name"])):
+        assert flag(words, option) in (None, value), (option, words)
+    if "--num-workers" in words:
+        assert cfg["scale"]["num_workers"] == int(flag(words, "--num-workers"))
+    assert cfg["scale"]["gpu"] is ("--gpu" in words)
 
 
 @pytest.mark.parametrize("doc", ["cluster/README.md", "README.md"])
-def test_every_deeprec_command_in_the_docs_parses(doc):
+def test_every_deeprec_command_in_the_docs_resolves_or_parses(doc, capsys, monkeypatch):
     commands = deeprec_commands(read(doc))
-    assert commands
+    train = [words for words in commands if words[:1] == ["train"]]
+    assert train and len(train) < len(commands)
     for words in commands:
-        assert_parses(words)
+        if words in train:
+            assert_resolves(words, capsys)
+        else:
+            assert_parses(words, monkeypatch)
+
+
+def test_a_misspelt_field_or_a_bad_value_in_a_documented_command_fails_the_check(capsys, monkeypatch):
+    """What the checks above would catch in a doc: a --set field that does not exist, a value of the
+    wrong type (both pass argparse and fail in the config builders), an option that does not exist."""
+    [words, *_] = [w for w in deeprec_commands(read("README.md")) if w[:2] == ["train", "classifier"]]
+    for bad, message in (
+        (["--set", "optim.lrr=0.1"], "unknown field 'optim.lrr'"),
+        (["--set", "model.layers=three"], "model.layers"),
+    ):
+        with pytest.raises(AssertionError, match=message):
+            assert_dry_run(words + bad, capsys)
+    with pytest.raises(pytest.fail.Exception, match="not a valid deeprec command"):
+        assert_parses([*words, "--epochz", "3"], monkeypatch)

@@ -216,9 +216,15 @@ def _tensor(name: str, *shape: int, dtype: str = "float32") -> TensorArg:
 @pytest.mark.parametrize(
     ("rank_0", "rank_1"),
     [
-        (_call("all_reduce", _tensor("tensor", 3), reduce_op="SUM"), _call("all_reduce", _tensor("tensor", 3), reduce_op="MAX")),
+        (
+            _call("all_reduce", _tensor("tensor", 3), reduce_op="SUM"),
+            _call("all_reduce", _tensor("tensor", 3), reduce_op="MAX"),
+        ),
         (_call("broadcast", _tensor("tensor", 3), peer=0), _call("broadcast", _tensor("tensor", 3), peer=1)),
-        (_call("broadcast", _tensor("tensor", 3), peer=0), _call("broadcast", _tensor("tensor", 3, dtype="int64"), peer=0)),
+        (
+            _call("broadcast", _tensor("tensor", 3), peer=0),
+            _call("broadcast", _tensor("tensor", 3, dtype="int64"), peer=0),
+        ),
         (_call("all_gather_object"), _call("broadcast_object_list")),
     ],
     ids=["reduce-op", "root", "dtype", "op"],

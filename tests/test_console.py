@@ -20,11 +20,16 @@ EPOCHS = 2
 UNACTIONABLE = re.compile(r"ERROR|WARNING|Warning|Traceback|Failed to query|core_worker\.cc|\] E ")
 # The lines Ray printed on every run before (from a `make demo`), which the console now leaves out.
 RAY_LINES = (
-    "\x1b[36m(RayTrainWorker pid=12029)\x1b[0m Reporting training result 3: TrainingReport(checkpoint=None, metrics={'epoch': 2}) from rank 0",
-    "\x1b[36m(TrainController pid=11884)\x1b[0m [2026-12-01 16:22:54,828 E 11884 11923] core_worker.cc:2465: Actor with class name: "
-    "'PreemptionWatcher' and ID: 'f70181b03358216e5831b6fc01000000' has constructor arguments in the object store and max_restarts > 0.",
-    "\x1b[33m(raylet)\x1b[0m WARNING: 8 PYTHON worker processes have been started on node: 2c226e6fa776b78679e670154980944621fa5abb1eca9159807c1082 "
-    "with address: 192.0.2.2, which is 4x the maximum expected startup concurrency (2). This could be a result of using a large number of actors.",
+    "\x1b[36m(RayTrainWorker pid=12029)\x1b[0m Reporting training result 3: TrainingReport(checkpoint=None, "
+    "metrics={'epoch': 2}) from rank 0",
+    "\x1b[36m(TrainController pid=11884)\x1b[0m [2026-12-01 16:22:54,828 E 11884 11923] core_worker.cc:2465: Actor "
+    "with class name: "
+    "'PreemptionWatcher' and ID: 'f70181b03358216e5831b6fc01000000' has constructor arguments in the object store and "
+    "max_restarts > 0.",
+    "\x1b[33m(raylet)\x1b[0m WARNING: 8 PYTHON worker processes have been started on node: "
+    "2c226e6fa776b78679e670154980944621fa5abb1eca9159807c1082 "
+    "with address: 192.0.2.2, which is 4x the maximum expected startup concurrency (2). This could be a result of "
+    "using a large number of actors.",
 )
 OUR_LINE = "epoch 1/2  loss 0.6915  val acc 0.6224 (majority 0.5663)  77 img/s"
 

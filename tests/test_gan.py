@@ -1,5 +1,6 @@
 """The GAN loop and its tools: mosaics in storage, weights_only checkpoints, continuing a run, the
-data filters, FID/KID and attribute rates, `generate` and `evaluate-gan`, DDP on Ray with a kill."""
+data filters, FID/KID and attribute rates, `generate` and `evaluate-gan`, DDP on Ray with a kill.
+One iteration of the loop (gan_step) on its own: test_gan_step.py."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from deeprecognition.cli import main
 from deeprecognition.config import apply_overrides, modern_dcgan, to_dict
 from deeprecognition.errors import InputError
 from deeprecognition.gan.data import judged_positive, reference_faces
-from deeprecognition.gan.loop import clip_gradients, train_loop_per_worker
+from deeprecognition.gan.loop import train_loop_per_worker
 from deeprecognition.gan.metrics import INCEPTION_FILE, NOT_COMPARABLE, evaluate_gan, pick_extractor
 from deeprecognition.launch import run
 from deeprecognition.runs.checkpoint import load_state
@@ -87,7 +88,6 @@ def test_gan_run_writes_mosaics_checkpoints_and_continues_at_its_iteration(faces
     assert "resuming from iteration 6" in capsys.readouterr().out
     iterations = [json.loads(line)["iteration"] for line in open(run_dir / "metrics.jsonl")]
     assert iterations == list(range(1, 10))
-    assert all(abs(json.loads(line)["loss/d"]) < 1e3 for line in open(run_dir / "metrics.jsonl"))
     resumed = load_state(str(run_dir / "checkpoint_000009"))
     assert resumed["fixed_latents"].equal(state["fixed_latents"])  # mosaics stay comparable across the resume
     assert json.loads((run_dir / "report.json").read_text())["iteration"] == 9
@@ -312,13 +312,3 @@ def test_a_continued_gan_takes_the_configs_learning_rates_and_betas(faces64, tmp
         g["lr"] for g in state["opt_d"]["param_groups"]
     ] == [0.0002]
     assert tuple(state["opt_d"]["param_groups"][0]["betas"]) == (0.0, 0.99)
-
-
-def test_the_studys_gradient_clipping_is_keras_clipvalue():
-    """Keras' clipvalue=1.0 clips each gradient element; a norm clip would scale them all down."""
-    layer = torch.nn.Linear(3, 1, bias=False)
-    layer.weight.grad = torch.tensor([[3.0, 0.5, -2.0]])
-    clip_gradients(layer, 1.0)
-    assert layer.weight.grad.tolist() == [[1.0, 0.5, -1.0]]
-    clip_gradients(layer, 0.0)  # off
-    assert layer.weight.grad.tolist() == [[1.0, 0.5, -1.0]]

@@ -1,5 +1,6 @@
-"""The GANs: shapes and ranges per arch and size, refusals, hand-checked losses, EMA arithmetic,
-the uint8 <-> tanh round trip, and a discriminator that learns in one step."""
+"""The GANs: shapes and ranges per arch and size, refusals, hand-checked losses and label noise,
+EMA arithmetic, standing statistics, the uint8 <-> tanh round trip, and a discriminator that learns
+in one step."""
 
 from __future__ import annotations
 
@@ -120,25 +121,29 @@ def test_bce_losses_without_noise_are_torch_bce():
 
 def test_bce_label_noise_moves_targets_toward_the_other_class_deterministically():
     real = torch.tensor([[3.0], [1.0], [2.0], [0.5]])
-    fake = torch.tensor([[-3.0], [-1.0], [-2.0], [0.5]])
+    fake = torch.tensor([[-3.0], [-1.0], [-2.0], [-0.5]])
     noise = 0.05
+
+    def noisy(seed: int) -> float:
+        return d_loss(real, fake, "bce", label_noise=noise, generator=torch.Generator().manual_seed(seed)).item()
+
+    # The targets are 1 - noise * u and noise * u, u the generator's own draws in that order.
     draws = torch.Generator().manual_seed(11)
     real_target = 1 - noise * torch.rand(real.shape, generator=draws)
     fake_target = noise * torch.rand(fake.shape, generator=draws)
-    assert (real_target < 1).all() and (real_target >= 1 - noise).all()
-    assert (fake_target > 0).all() and (fake_target <= noise).all()
     expected = F.binary_cross_entropy_with_logits(real, real_target)
     expected = expected + F.binary_cross_entropy_with_logits(fake, fake_target)
-
-    def noisy() -> torch.Tensor:
-        seeded = torch.Generator().manual_seed(11)
-        return d_loss(real, fake, "bce", label_noise=noise, generator=seeded)
-
-    got, again = noisy(), noisy()
-    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
-    assert got.item() == again.item()
-    # Confident correct logits are penalised once their targets are no longer exactly 0 and 1.
-    assert got.item() > d_loss(real, fake, "bce").item()
+    assert noisy(11) == pytest.approx(expected.item(), rel=1e-6)
+    assert noisy(11) == noisy(11) and noisy(11) != noisy(12)  # the generator decides, and is used
+    # For correct logits BCE grows as its target moves toward the other class, so the loss lies
+    # between the noiseless one (targets 1 and 0) and the one with every target moved the full
+    # `noise` (1 - noise and noise): no target moves past that, none moves the wrong way.
+    clean = d_loss(real, fake, "bce").item()
+    furthest = F.binary_cross_entropy_with_logits(real, torch.full_like(real, 1 - noise))
+    furthest = (furthest + F.binary_cross_entropy_with_logits(fake, torch.full_like(fake, noise))).item()
+    for seed in range(20):
+        assert clean < noisy(seed) < furthest
+    assert d_loss(real, fake, "bce", label_noise=0.0, generator=torch.Generator().manual_seed(11)).item() == clean
 
 
 def test_unknown_loss_is_refused():
@@ -274,7 +279,13 @@ def test_standing_statistics_measure_batchnorm_for_the_ema_weights():
 
     copied = normalised_first_layer()
     assert copied.std(1).mean() > 1.5  # G's statistics, under weights three times as large
+    weights = {k: v.clone() for k, v in ema.named_parameters()}
+    buffers = {k: v.clone() for k, v in ema.named_buffers()}
     standing_statistics(ema, latent=16, samples=1024, batch_size=128)
     assert not ema.training and first_norm.momentum == 0.1  # left as it was found, in eval mode
+    # Only BatchNorm's running statistics change: every one of them, and no weight.
+    assert all(torch.equal(v, weights[k]) for k, v in ema.named_parameters())
+    changed = {k for k, v in ema.named_buffers() if not torch.equal(v, buffers[k])}
+    assert changed == {k for k in buffers if k.endswith(("running_mean", "running_var", "num_batches_tracked"))}
     standing = normalised_first_layer()
     assert standing.mean(1).abs().max() < 0.1 and (standing.std(1) - 1).abs().max() < 0.1

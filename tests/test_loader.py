@@ -1,8 +1,10 @@
-"""The loader: exact coverage in evaluation, exact epoch length in training, filters, targets,
-corruption, and S3 through a proxy that cuts connections mid-response."""
+"""The loader: exact coverage in evaluation, exact epoch length in training, ranks' disjoint parts
+and their padding, orders by seed and epoch, filters, targets, corruption, and S3 through a proxy
+that cuts connections mid-response."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
@@ -77,11 +79,63 @@ def test_a_training_epoch_sees_every_image_once_with_equal_steps_on_every_rank(p
     assert epoch_keys(config, ranks, epoch=1) != per_rank  # a new permutation each epoch
 
 
+def matching_keys(ann, code: int, where: dict[str, int]) -> set[str]:
+    """The keys of split `code` whose labels have every value in `where`, from the annotations."""
+    return {
+        f[:-4]
+        for f, at, p in zip(ann.image_files, ann.attrs, ann.partition)
+        if p == code and all(at[ATTRIBUTE_INDEX[name]] == value for name, value in where.items())
+    }
+
+
+@pytest.mark.parametrize(
+    ("ranks", "workers", "where"),
+    # 192 train samples (57 that match) in 5, 10 and 4 slots: parts of unequal length, padded.
+    [(5, 0, ""), (5, 2, ""), (4, 0, "Male=0,Smiling=1")],
+    ids=["5x1", "5x2", "4x1-where"],
+)
+def test_ranks_split_an_epoch_into_disjoint_parts_that_only_the_padding_repeats(packed, ann, ranks, workers, where):
+    """The plan of shards/loader.py, checked on every key: the slots' parts cover the split's
+    matching samples exactly once; the shorter parts are padded, each with the one sample just
+    before it, so each key appears at most twice and only padding keys appear twice."""
+    config = LoaderConfig(
+        data=packed.dest, split="train", batch_size=8, num_workers=workers, where=parse_where(where), seed=4
+    )
+    expected = matching_keys(ann, 0, parse_where(where))
+    slots = ranks * max(workers, 1)
+    quota = math.ceil(len(expected) / slots)
+    per_rank = epoch_keys(config, ranks)
+    seen = Counter(k for keys in per_rank for k in keys)
+    assert set(seen) == expected
+    assert sum(seen.values()) == slots * quota  # every slot its quota ...
+    padding = {k for k, n in seen.items() if n > 1}
+    assert set(seen.values()) <= {1, 2} and len(padding) == slots * quota - len(expected)  # ... from fewer repeats
+    assert padding  # the case under test: some parts are shorter
+    for a in range(ranks):
+        for b in range(a + 1, ranks):
+            assert set(per_rank[a]) & set(per_rank[b]) <= padding
+    if not workers:  # one slot per rank, in order: a padded part starts with the last sample of the part before
+        for rank in range(1, ranks):
+            if len(set(per_rank[rank])) < quota:
+                assert per_rank[rank][0] == per_rank[rank - 1][-1]
+    # Batch targets are the labels of their keys: the filter kept what the labels say.
+    rows = {f[:-4]: a for f, a in zip(ann.image_files, ann.attrs)}
+    for batch in make_loader(dataclasses.replace(config, targets=("Male", "Smiling")), rank=0, world_size=ranks):
+        labels = np.stack([rows[k][[ATTRIBUTE_INDEX["Male"], ATTRIBUTE_INDEX["Smiling"]]] for k in batch.keys])
+        np.testing.assert_array_equal(batch.targets.numpy(), labels)
+    # The next epoch: a new order on every rank, the same coverage; the same seed and epoch: the same order.
+    next_epoch = epoch_keys(config, ranks, epoch=1)
+    assert all(a != b for a, b in zip(next_epoch, per_rank))
+    assert {k for keys in next_epoch for k in keys} == expected
+    assert epoch_keys(config, ranks) == per_rank
+    assert epoch_keys(dataclasses.replace(config, seed=5), ranks) != per_rank
+
+
 def test_resampling_stays_an_option_with_the_same_epoch_length(packed, ann):
     config = LoaderConfig(data=packed.dest, split="train", batch_size=16, num_workers=2, sampling="resample")
     per_rank = epoch_keys(config, 2)
     assert {len(keys) for keys in per_rank} == {2 * math.ceil(len(split_keys(ann, 0)) / 4)}
-    assert set(k for keys in per_rank for k in keys) < split_keys(ann, 0)  # with replacement: some images unseen
+    assert {k for keys in per_rank for k in keys} < split_keys(ann, 0)  # with replacement: some images unseen
     with pytest.raises(ValueError, match="sampling must be one of epoch, resample"):
         ShardStream(LoaderConfig(data=packed.dest, sampling="shuffled"), rank=0, world_size=1)
 

@@ -29,8 +29,8 @@ from deeprecognition.errors import InputError
 from deeprecognition.shards.encode import ImageFormat, decode_source, resize
 from deeprecognition.shards.loader import decode_image
 from deeprecognition.shards.manifest import read_manifest
-from deeprecognition.shards.pack import PackOptions, PackReport, pack
-from deeprecognition.shards.plan import PackPlan, make_plan, split_codes
+from deeprecognition.shards.pack import PackReport, pack
+from deeprecognition.shards.plan import PackOptions, PackPlan, make_plan, split_codes
 from deeprecognition.shards.stats import dataset_stats
 from deeprecognition.shards.tario import iter_samples, read_npy
 from deeprecognition.shards.verify import verify

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 
-from deeprecognition.classifier.loop import build_model
+from deeprecognition.classifier.models import build_model
 from deeprecognition.classifier.trained import TrainedClassifier
 from deeprecognition.cli import main
 from deeprecognition.config import ClassifierConfig, GanConfig, apply_overrides, to_dict

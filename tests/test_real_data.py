@@ -10,7 +10,8 @@ import pytest
 from deeprecognition.celeba.source import find_source, load_annotations, open_images
 from deeprecognition.shards.encode import ImageFormat, decode_source, resize
 from deeprecognition.shards.loader import LoaderConfig, make_loader
-from deeprecognition.shards.pack import PackOptions, pack
+from deeprecognition.shards.pack import pack
+from deeprecognition.shards.plan import PackOptions
 from deeprecognition.shards.verify import verify
 
 pytestmark = pytest.mark.real_data

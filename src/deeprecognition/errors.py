@@ -32,7 +32,8 @@ class CorruptShardError(DeepRecError):
         self.shard = shard
         self.problem = problem
         super().__init__(
-            f"shard {shard}: {problem} (`deeprec verify DATA` lists every bad shard; to repair, remove DATA/manifest.json and run the same `deeprec pack` again)"
+            f"shard {shard}: {problem} (`deeprec verify DATA` lists every bad shard; to repair, remove "
+            "DATA/manifest.json and run the same `deeprec pack` again)"
         )
 
     def __reduce__(self):

@@ -1,11 +1,12 @@
 """`deeprec train classifier|gan` and each trial of `deeprec tune`: a Ray Train TorchTrainer (Train V2)
-around a per-worker loop."""
+around a per-worker loop; `train` is the command's body, with the one line it ends on."""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
 import torch
@@ -30,6 +31,8 @@ if TYPE_CHECKING:
     from ray.train.torch import TorchTrainer
 
 T = TypeVar("T", ClassifierConfig, GanConfig)
+# The metrics of a finished run that `deeprec train` reports, the classifier's and the GAN's.
+SUMMARY_METRICS = ("epoch", "iteration", "val/mean_accuracy", "fid", "kid")
 
 
 def check_before_workers(cfg: ClassifierConfig | GanConfig) -> None:
@@ -134,3 +137,33 @@ def run(cfg: ClassifierConfig | GanConfig) -> Result:
     check_before_workers(cfg)
     ensure_ray()
     return fit(cfg)
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """How a `deeprec train` run ended, in the line the command prints."""
+
+    ok: bool
+    line: str
+
+
+def train(cfg: ClassifierConfig | GanConfig) -> TrainOutcome:
+    """`deeprec train`: run, then say what it reached and where its latest checkpoint is, or, when
+    the workers failed past scale.max_failures, each rank's error."""
+    from ray.train import TrainingFailedError
+
+    try:
+        result = run(cfg)
+    except TrainingFailedError as err:
+        return TrainOutcome(False, f"the run failed: {failure_summary(err)}")
+    shown = {k: v for k, v in (result.metrics or {}).items() if k in SUMMARY_METRICS}
+    summary = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
+    latest = result.checkpoint.path if result.checkpoint else None
+    return TrainOutcome(True, f"run {cfg.name} finished ({summary}): latest checkpoint {latest}")
+
+
+def failure_summary(err: Exception) -> str:
+    """The workers' own errors, one line each, instead of Ray's wrapped tracebacks."""
+    failures = getattr(err, "worker_failures", None) or {}
+    lines = [f"rank {rank}: {str(exc).strip().splitlines()[-1]}" for rank, exc in sorted(failures.items())]
+    return "; ".join(lines) or str(err).strip().splitlines()[-1]

@@ -214,7 +214,8 @@ def _exact_range(uri: str, span: tuple[int, int], data: bytes) -> bytes:
     start, end = span
     if len(data) != end - start:
         raise ValueError(
-            f"{uri}: asked for bytes {start}-{end}, got {len(data)}: the object is shorter than its reader expects (changed while read?)"
+            f"{uri}: asked for bytes {start}-{end}, got {len(data)}: the object is shorter than its reader expects "
+            "(changed while read?)"
         )
     return data
 

@@ -30,7 +30,10 @@ from collections.abc import Iterator
 
 from deeprecognition.errors import DeepRecError
 
-_SLOW_DOWN_BODY = b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>'
+_SLOW_DOWN_BODY = (
+    b'<?xml version="1.0" encoding="UTF-8"?>'
+    b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+)
 # What every test server accepts: never hand real keys to a server of ours.
 FAKE_CREDENTIALS = {
     "AWS_ACCESS_KEY_ID": "testing",

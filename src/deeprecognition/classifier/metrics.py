@@ -77,7 +77,8 @@ class AttributeMetrics:
         metrics = cls(names, majority)
         if counts.shape != metrics._counts.shape:
             raise ValueError(
-                f"expected {metrics._counts.numel()} counts for {len(metrics.names)} attributes, got {tuple(counts.shape)}"
+                f"expected {metrics._counts.numel()} counts for {len(metrics.names)} attributes, got "
+                f"{tuple(counts.shape)}"
             )
         metrics._counts = counts.to(torch.int64).clone()
         return metrics
@@ -139,7 +140,8 @@ def format_report(metrics: dict, title: str) -> str:
     ]
     for name, acc in metrics["accuracy"].items():
         lines.append(
-            f"| {name} | {_pct(acc)} | {_pct(metrics['majority_baseline'][name])} | {_pct(metrics['balanced_accuracy'][name])} |"
+            f"| {name} | {_pct(acc)} | {_pct(metrics['majority_baseline'][name])} | "
+            f"{_pct(metrics['balanced_accuracy'][name])} |"
         )
     lines.append(
         f"| **mean** | {_pct(metrics['mean_accuracy'])} | {_pct(metrics['mean_majority_baseline'])} "

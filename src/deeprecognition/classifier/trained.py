@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from deeprecognition.classifier.loop import InputNorm, build_model
+from deeprecognition.classifier.models import InputNorm, build_model
 from deeprecognition.config import ClassifierConfig, apply_overrides, from_checkpoint
 from deeprecognition.errors import InputError
 from deeprecognition.runs.catalog import best_checkpoint
@@ -35,7 +35,8 @@ class TrainedClassifier:
         if "attributes" not in state or "image_size" not in state:
             raise InputError(
                 folder,
-                "is not a classifier checkpoint (no attributes or image_size): give one written by `deeprec train classifier`",
+                "is not a classifier checkpoint (no attributes or image_size): "
+                "give one written by `deeprec train classifier`",
             )
         # The weights come from the checkpoint: never look for ImageNet weights here.
         cfg = apply_overrides(from_checkpoint(ClassifierConfig, state["config"]), ["model.weights=none"])
@@ -78,7 +79,8 @@ class TrainedClassifier:
         if not name:
             if len(self.attributes) != 1:
                 raise ValueError(
-                    f"{self.checkpoint} scores {len(self.attributes)} attributes: name one ({', '.join(self.attributes)})"
+                    f"{self.checkpoint} scores {len(self.attributes)} attributes: "
+                    f"name one ({', '.join(self.attributes)})"
                 )
             return 0
         if name not in self.attributes:

@@ -31,12 +31,14 @@ import io
 import os
 import pickle
 from functools import cache
+from typing import get_args
 
 import torch
 from torch import Tensor, nn
 from torchvision.models import ResNet50_Weights, resnet50
 
 from deeprecognition import storage
+from deeprecognition.config import Freeze
 from deeprecognition.errors import InputError
 
 # torchvision's ImageNet normalisation, applied on the device by the training loop.
@@ -45,7 +47,7 @@ IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 FEATURES = 2048  # ResNet50's pooled feature width
 
-FREEZE_POLICIES: tuple[str, ...] = ("all", "none", "paper")
+FREEZE_POLICIES: tuple[str, ...] = get_args(Freeze)
 
 # Backbone submodules each policy freezes ("" is the whole backbone); see the module docstring.
 FROZEN_MODULES: dict[str, tuple[str, ...]] = {

@@ -13,7 +13,7 @@ from deeprecognition.classifier.trained import TrainedClassifier
 from deeprecognition.config import GanConfig
 from deeprecognition.runs.distributed import gather_sizes
 from deeprecognition.shards.device_decode import images_on, require_cuda
-from deeprecognition.shards.loader import Batch, LoaderConfig, ShardStream, make_loader, parse_where
+from deeprecognition.shards.loader import Batch, ShardStream, make_loader, parse_where
 
 
 def judged_positive(
@@ -54,19 +54,7 @@ def on_device(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]
 def real_batches(cfg: GanConfig, rank: int, world_size: int, device: torch.device) -> Iterator[torch.Tensor]:
     """An endless stream of this rank's real uint8 batches on `device`, all of exactly data.batch_size faces."""
     require_cuda(cfg.data.decode, device)
-    config = LoaderConfig(
-        data=cfg.data.data,
-        split="train",
-        targets=(),
-        where=parse_where(cfg.data.where),
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.loader_workers,
-        sampling=cfg.data.sampling,
-        seed=cfg.optim.seed,
-        cache=cfg.data.cache,
-        cache_gb=cfg.data.cache_gb,
-        decode=cfg.data.decode,
-    )
+    config = cfg.data.loader("train", (), cfg.optim.seed, where=parse_where(cfg.data.where))
     loader = make_loader(config, rank, world_size, pin_memory=device.type == "cuda")
 
     def epochs() -> Iterator[Batch]:
@@ -105,23 +93,7 @@ def reference_faces(
     the faces kept are decoded. Targets: labels to bring along. The faces are decoded as the run's
     training faces are (data.decode), except on a device without CUDA (`deeprec evaluate-gan` of a
     GPU run on a laptop), where the CPU decodes them."""
-    decode = cfg.data.decode if device.type == "cuda" else "cpu"
-    stream = ShardStream(
-        LoaderConfig(
-            data=cfg.data.data,
-            split="train",
-            targets=targets,
-            where=parse_where(cfg.data.where),
-            training=False,
-            batch_size=256,
-            num_workers=0,
-            cache=cfg.data.cache,
-            cache_gb=cfg.data.cache_gb,
-            decode=decode,
-        ),
-        rank=rank,
-        world_size=world_size,
-    )
+    stream = _reference_stream(cfg, targets, device, rank, world_size)
     judge = TrainedClassifier.load(cfg.data.where_classifier, device) if cfg.data.where_classifier else None
     chunk, found, start = math.ceil(n / world_size), 0, 0
     kept: list[Batch] = []
@@ -129,16 +101,7 @@ def reference_faces(
     while found < n and start < len(stream.rows):
         mine = stream.rows[start + rank * chunk : start + (rank + 1) * chunk]
         start += chunk * world_size
-        passed = (
-            _joined(
-                stream,
-                judged_positive(
-                    _read(stream, mine, device), judge, cfg.data.classifier_attribute, cfg.data.threshold, 256
-                ),
-            )
-            if judge
-            else None
-        )
+        passed = _judged(cfg, stream, mine, judge, device) if judge else None
         counts = gather_sizes(len(mine) if passed is None else len(passed.keys), device)
         offset = found + sum(counts[:rank])
         take = max(0, min(counts[rank], n - offset))
@@ -163,6 +126,33 @@ def reference_faces(
         torch.cat(positions) if positions else torch.zeros(0, dtype=torch.int64),
         min(n, found),
     )
+
+
+def _reference_stream(
+    cfg: GanConfig, targets: tuple[str, ...], device: torch.device, rank: int, world_size: int
+) -> ShardStream:
+    """The train split through the run's --where filter, decoded as training decodes it where CUDA is."""
+    decode = cfg.data.decode if device.type == "cuda" else "cpu"
+    return ShardStream(
+        cfg.data.loader(
+            "train",
+            targets,
+            cfg.optim.seed,
+            where=parse_where(cfg.data.where),
+            training=False,
+            batch_size=256,
+            num_workers=0,
+            decode=decode,
+        ),
+        rank=rank,
+        world_size=world_size,
+    )
+
+
+def _judged(cfg: GanConfig, stream: ShardStream, rows, judge: TrainedClassifier, device: torch.device) -> Batch:
+    """The faces of `rows` the classifier filter keeps, as one batch."""
+    faces = _read(stream, rows, device)
+    return _joined(stream, judged_positive(faces, judge, cfg.data.classifier_attribute, cfg.data.threshold, 256))
 
 
 def _read(stream: ShardStream, rows, device: torch.device) -> Iterator[Batch]:

@@ -61,6 +61,24 @@ def contact_sheet_png(mosaics: dict[int, bytes], tile_size: int = 256) -> bytes:
     return grid_png(torch.stack(tiles), [f"iter {it}" for it in sorted(mosaics)])
 
 
+def mosaic_name(iteration: int) -> str:
+    """The file name of a run's mosaic at `iteration`, in its mosaics folder."""
+    return f"iter-{iteration:06d}.png"
+
+
+def write_mosaic(uri: str, faces: Tensor) -> None:
+    storage.write_bytes_atomic(uri, grid_png(faces))
+
+
+def write_contact_sheet(folder: str) -> None:
+    """contact-sheet.png in a run's mosaics `folder`, from up to 25 of its mosaics; none: no sheet."""
+    written = [int(n[5:-4]) for n in storage.list_names(folder) if n.startswith("iter-")]
+    # A long run writes thousands of mosaics: read only the ones the sheet shows.
+    chosen = {it: storage.read_bytes(storage.join(folder, mosaic_name(it))) for it in evenly_spaced(written)}
+    if chosen:
+        storage.write_bytes_atomic(storage.join(folder, "contact-sheet.png"), contact_sheet_png(chosen))
+
+
 @torch.no_grad()
 def draw_faces(
     generator: nn.Module, latent: int, n: int, seed: int, part: slice = slice(None), batch_size: int = 250

@@ -4,11 +4,17 @@ Each iteration has two phases, written so that DDP never sees an unused paramete
 sync once per phase: (1) D learns on real and generated faces, G runs without gradients; (2) G
 learns through D's plain module with D's parameters frozen, so no D gradient is computed or synced.
 Evaluation (FID/KID, attribute rates) runs on every rank together; mosaics are rank 0's.
+
+The loop: build the networks (`_build`), continue from the latest checkpoint (`_resume`), set up
+DDP, the data and the log (`_setup`), then per iteration one step (`_train_iteration`), what the
+schedule asks for at it (`due_at`, a `Due`) and that work (`_at_due`); at the end rank 0's report
+(`_finish`). What a checkpoint holds is a `GanState`.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,7 +25,8 @@ from torch import Tensor, nn
 from deeprecognition import storage
 from deeprecognition.config import GanConfig, from_dict, to_dict
 from deeprecognition.gan.data import real_batches
-from deeprecognition.gan.generate import contact_sheet_png, evenly_spaced, grid_png
+from deeprecognition.gan.generate import mosaic_name, write_contact_sheet, write_mosaic
+from deeprecognition.gan.metrics import TrainingEvaluation
 from deeprecognition.gan.models import (
     build_gan,
     d_loss,
@@ -34,6 +41,7 @@ from deeprecognition.gan.models import (
 )
 from deeprecognition.runs.background import BackgroundWriter
 from deeprecognition.runs.catalog import with_ray_score
+from deeprecognition.runs.distributed import data_parallel, unwrap
 from deeprecognition.runs.report import RunLog
 from deeprecognition.runs.resume import apply_hyperparameters, seed_rank_streams, stream_seed
 from deeprecognition.runs.session import Session
@@ -43,12 +51,10 @@ MOSAIC = 36  # the study's 6x6 grid
 NOISE_STREAM = 2  # stream_seed's stream of the latents G draws in training
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
-
-
 @dataclass
 class GanNets:
+    """What a training step updates."""
+
     G: nn.Module  # DDP-wrapped when there are several ranks
     D: nn.Module
     ema: nn.Module  # G's exponential moving average, a plain module
@@ -57,12 +63,97 @@ class GanNets:
 
     def state(self) -> dict[str, Any]:
         return {
-            "G": _unwrap(self.G).state_dict(),
-            "D": _unwrap(self.D).state_dict(),
+            "G": unwrap(self.G).state_dict(),
+            "D": unwrap(self.D).state_dict(),
             "ema": self.ema.state_dict(),
             "opt_g": self.opt_g.state_dict(),
             "opt_d": self.opt_d.state_dict(),
         }
+
+    def load(self, state: dict[str, Any]) -> None:
+        """`state()`'s dict back into the networks, before DDP wraps them."""
+        for key in ("G", "D", "ema", "opt_g", "opt_d"):
+            getattr(self, key).load_state_dict(state[key])
+
+
+@dataclass
+class GanState:
+    """What a checkpoint holds; `iteration` counts the iterations done."""
+
+    cfg: GanConfig
+    nets: GanNets
+    image_size: int
+    fixed: Tensor  # the same 36 latent vectors for every mosaic of the run, as the study did
+    iteration: int = 0
+
+    def saved(self) -> dict[str, Any]:
+        # bf16 autocast needs no gradient scaler, so there is no scaler state to keep.
+        return {
+            **self.nets.state(),
+            "iteration": self.iteration,
+            "step": self.iteration,
+            "image_size": self.image_size,
+            "fixed_latents": self.fixed,
+            "config": to_dict(self.cfg),
+        }
+
+    def restore(self, saved: dict[str, Any]) -> list[str]:
+        """Continue from the checkpoint `saved`, with the optimiser hyperparameters the config asks
+        for now; returns what those change."""
+        self.nets.load(saved)
+        optim = self.cfg.optim
+        changed_g = apply_hyperparameters(self.nets.opt_g, _hyperparameters(self.cfg, optim.lr_g), "G")
+        changed_d = apply_hyperparameters(self.nets.opt_d, _hyperparameters(self.cfg, optim.lr_d), "D")
+        self.iteration, self.fixed = saved["iteration"], saved["fixed_latents"]
+        return changed_g + changed_d
+
+
+@dataclass(frozen=True)
+class Due:
+    """What an iteration calls for beside its training step."""
+
+    checkpoint: bool  # every rank reports; rank 0's state becomes the checkpoint
+    evaluate: bool  # FID/KID and attribute rates, by every rank together
+    mosaic: bool  # rank 0's
+    log: bool  # a metrics line
+    preempted: bool  # a drain notice: checkpoint now
+    last: bool
+
+    @property
+    def anything(self) -> bool:
+        return self.checkpoint or self.evaluate or self.mosaic or self.log
+
+    @property
+    def report(self) -> bool:
+        """Every rank reports together (Tune's schedulers see the metrics), rank 0 prints a line."""
+        return self.checkpoint or self.evaluate
+
+    @property
+    def in_background(self) -> bool:
+        """The last and preemption checkpoints are in storage when the report returns; the others
+        upload while training goes on."""
+        return not (self.last or self.preempted)
+
+
+def due_at(cfg: GanConfig, session: Session, iteration: int) -> Due:
+    """What the schedule asks for at `iteration`, and whether a drain notice came (every rank calls this)."""
+    sched, last = cfg.schedule, iteration == cfg.optim.iterations
+    every = cfg.scale.preemption_check_every
+    # A drain notice (a collective: every rank checks at the same iterations) checkpoints at once.
+    preempted = bool(every) and iteration % every == 0 and session.preemption_pending()
+    return Due(
+        checkpoint=_every(sched.checkpoint_every, iteration, last) or preempted,
+        evaluate=bool(sched.eval_every) and _every(sched.eval_every, iteration, last),
+        mosaic=session.rank == 0 and _every(sched.mosaic_every, iteration, last),
+        log=_every(sched.log_every, iteration, last),
+        preempted=preempted,
+        last=last,
+    )
+
+
+def _every(every: int, iteration: int, last: bool) -> bool:
+    """Every `every` iterations and at the last; 0: at the last only."""
+    return last or (every > 0 and iteration % every == 0)
 
 
 def _optimizer(cfg: GanConfig, params, lr: float) -> torch.optim.Optimizer:
@@ -87,7 +178,7 @@ def clip_gradients(module: nn.Module, limit: float) -> None:
 def gan_step(cfg: GanConfig, nets: GanNets, real: Tensor, noise: torch.Generator, iteration: int) -> dict[str, Tensor]:
     """One iteration; the losses stay on the device (reading them would wait for the GPU)."""
     G, D = nets.G, nets.D
-    plain_d = _unwrap(D)
+    plain_d = unwrap(D)
     batch, device = real.shape[0], real.device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     # (1) Update D: real faces vs generated ones (G without gradients)
@@ -130,83 +221,15 @@ def make_nets(cfg: GanConfig, image_size: int, device: torch.device) -> GanNets:
     )
 
 
-def _build(cfg: GanConfig, session: Session, image_size: int) -> tuple[GanNets, int, Tensor]:
-    """Networks, optimisers and EMA, restored from the latest checkpoint when there is one."""
-    nets = make_nets(cfg, image_size, session.device)
-    # The same 36 latent vectors for every mosaic of the run, as the study did.
-    fixed = torch.randn(MOSAIC, cfg.model.latent, generator=torch.Generator().manual_seed(cfg.optim.seed))
-    state, start = session.latest_state(), 0
-    if state is not None:
-        for key in ("G", "D", "ema", "opt_g", "opt_d"):
-            getattr(nets, key).load_state_dict(state[key])
-        changed = apply_hyperparameters(nets.opt_g, _hyperparameters(cfg, cfg.optim.lr_g), "G") + apply_hyperparameters(
-            nets.opt_d, _hyperparameters(cfg, cfg.optim.lr_d), "D"
-        )
-        start, fixed = state["iteration"], state["fixed_latents"]
-        if session.rank == 0:
-            print(
-                f"resuming from iteration {start}" + (f"; the config changes {', '.join(changed)}" if changed else ""),
-                flush=True,
-            )
-    if session.world_size > 1:
-        ids = [session.device.index] if session.device.type == "cuda" else None
-        nets.G, nets.D = (nn.parallel.DistributedDataParallel(m, device_ids=ids) for m in (nets.G, nets.D))
-    return nets, start, fixed
-
-
-def _reseed(cfg: GanConfig, session: Session, noise: torch.Generator, iteration: int) -> None:
-    """Each rank's streams for `iteration` (see loops/resume.py): its label noise and its own
-    latents (the same latents on every rank would waste the ranks' generated halves)."""
-    seed_rank_streams(cfg.optim.seed, session.rank, iteration, session.device)
-    noise.manual_seed(stream_seed(cfg.optim.seed, session.rank, iteration, NOISE_STREAM))
-
-
-def _painter(cfg: GanConfig, nets: GanNets) -> nn.Module:
-    """The generator mosaics, evaluations and checkpoints show: the EMA copy (dcgan), with BatchNorm
-    statistics measured for its own weights, or G itself (the study's model, as the study did)."""
-    if not draws_with_ema(cfg.model.arch):
-        return _unwrap(nets.G)
-    standing_statistics(nets.ema, cfg.model.latent)
-    return nets.ema
-
-
 def ranks_in_sync(modules: list[nn.Module], session: Session) -> bool:
     """Whether every rank holds the same weights in `modules` (a collective: all ranks call it).
     Buffers are left out: BatchNorm statistics follow each rank's own batches between syncs."""
     if session.world_size == 1:
         return True
-    fingerprint = torch.stack([p.detach().double().sum() for m in modules for p in _unwrap(m).parameters()])
+    fingerprint = torch.stack([p.detach().double().sum() for m in modules for p in unwrap(m).parameters()])
     gathered = [torch.empty_like(fingerprint) for _ in range(session.world_size)]
     dist.all_gather(gathered, fingerprint)
     return all(torch.equal(gathered[0], other) for other in gathered[1:])
-
-
-class _Evaluation:
-    """FID/KID and attribute rates every schedule.eval_every iterations, by every rank together."""
-
-    def __init__(self, cfg: GanConfig, session: Session) -> None:
-        from deeprecognition.classifier.trained import TrainedClassifier
-        from deeprecognition.gan.data import reference_faces
-        from deeprecognition.gan.metrics import GanEvaluator, pick_extractor
-
-        classifier = TrainedClassifier.load(cfg.eval.classifier, session.device) if cfg.eval.classifier else None
-        extractor = pick_extractor(cfg.eval.inception_weights, classifier, session.device)
-        real = reference_faces(cfg, cfg.eval.samples, session.device, session.rank, session.world_size)
-        self.evaluator = GanEvaluator(extractor, real, classifier)
-        self.samples, self.latent = cfg.eval.samples, cfg.model.latent
-        if session.rank == 0:
-            print(
-                f"evaluating every {cfg.schedule.eval_every} iterations on {real.total} real faces ({session.world_size} rank(s)); features: {extractor.name}",
-                flush=True,
-            )
-
-    def __call__(self, painter: nn.Module) -> dict[str, float]:
-        """What goes into metrics.jsonl, TensorBoard and the reports Tune's schedulers see."""
-        result = self.evaluator(painter, self.latent, self.samples)
-        scalars = {key: result[key] for key in ("fid", "kid")}
-        scalars.update({f"rate/{name}": rate for name, rate in result["attribute_rate"].items()})
-        scalars.update({f"data_rate/{name}": rate for name, rate in result["data_attribute_rate"].items()})
-        return scalars
 
 
 class _Losses:
@@ -228,32 +251,18 @@ class _Losses:
         return dict(zip(keys, values))
 
 
-def _due(every: int, iteration: int, last: bool) -> bool:
-    """Every `every` iterations and at the last; 0: at the last only."""
-    return last or (every > 0 and iteration % every == 0)
+@dataclass
+class _Run:
+    """What the phases share beside the state: the config, the session, the data and rank 0's outputs."""
 
-
-def _progress_line(metrics: dict[str, Any], total: int) -> str:
-    line = f"iteration {metrics['iteration']}/{total}  loss D {metrics['loss/d']:.4f}  G {metrics['loss/g']:.4f}"
-    if "fid" in metrics:
-        line += f"  FID {metrics['fid']:.2f}  KID {metrics['kid']:.4f}"
-    return line
-
-
-def _write_mosaic(uri: str, faces: Tensor) -> None:
-    storage.write_bytes_atomic(uri, grid_png(faces))
-
-
-def _finish(session: Session, log: RunLog, last: dict[str, Any]) -> None:
-    """Rank 0: the metrics log, the final metrics as report.json, the mosaics' contact sheet."""
-    log.close()  # drains the background writes: every mosaic is in storage
-    storage.write_bytes_atomic(storage.join(session.run_dir, "report.json"), json.dumps(last, indent=1).encode())
-    folder = storage.join(session.run_dir, "mosaics")
-    written = [int(n[5:-4]) for n in storage.list_names(folder) if n.startswith("iter-")]
-    # A long run writes thousands of mosaics: read only the ones the sheet shows.
-    chosen = {it: storage.read_bytes(storage.join(folder, f"iter-{it:06d}.png")) for it in evenly_spaced(written)}
-    if chosen:
-        storage.write_bytes_atomic(storage.join(folder, "contact-sheet.png"), contact_sheet_png(chosen))
+    cfg: GanConfig
+    session: Session
+    writer: BackgroundWriter  # rank 0's mosaics and log writes
+    log: RunLog | None  # rank 0's
+    evaluation: TrainingEvaluation | None  # with schedule.eval_every
+    reals: Iterator[Tensor]  # this rank's real faces, a batch at a time
+    noise: torch.Generator  # the latents G draws in training
+    losses: _Losses
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
@@ -264,64 +273,123 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 def _train(config: dict[str, Any], writer: BackgroundWriter) -> None:
     cfg = from_dict(GanConfig, config).validate()
     session = Session.current(storage.join(cfg.storage, cfg.name), cfg.scale.gpu, cfg.scale.keep_checkpoints)
-    image_size = read_manifest(cfg.data.data).image.size
-    nets, start, fixed = _build(cfg, session, image_size)
+    state = _build(cfg, session, read_manifest(cfg.data.data).image.size)
+    _resume(state, session)
+    run = _setup(state, session, writer)
+    metrics: dict[str, Any] = {}
+    for iteration in range(state.iteration + 1, cfg.optim.iterations + 1):
+        _train_iteration(run, state, iteration)
+        due = due_at(cfg, session, iteration)
+        if due.anything:
+            metrics = _at_due(run, state, due)
+    if run.log is not None and metrics:  # nothing to finish when the run was already at --iterations
+        _finish(session, run.log, metrics)
+
+
+def _build(cfg: GanConfig, session: Session, image_size: int) -> GanState:
+    """Networks, optimisers and EMA, initialised from the run's seed, and the mosaics' latents."""
+    nets = make_nets(cfg, image_size, session.device)
+    fixed = torch.randn(MOSAIC, cfg.model.latent, generator=torch.Generator().manual_seed(cfg.optim.seed))
+    return GanState(cfg, nets, image_size, fixed)
+
+
+def _resume(state: GanState, session: Session) -> None:
+    """Continue from this run's latest checkpoint, when there is one."""
+    saved = session.latest_state()
+    if saved is None:
+        return
+    changed = state.restore(saved)
+    if session.rank == 0:
+        print(
+            f"resuming from iteration {state.iteration}"
+            + (f"; the config changes {', '.join(changed)}" if changed else ""),
+            flush=True,
+        )
+
+
+def _setup(state: GanState, session: Session, writer: BackgroundWriter) -> _Run:
+    """G and D under DDP, this rank's data and noise, rank 0's log, the evaluation when scheduled."""
+    cfg, nets = state.cfg, state.nets
+    nets.G, nets.D = (data_parallel(m, session.device, session.world_size) for m in (nets.G, nets.D))
     noise = torch.Generator(session.device)
-    rank0 = session.rank == 0
-    log = RunLog(session.run_dir, to_dict(cfg), start + 1, position="iteration", writer=writer) if rank0 else None
-    evaluation = _Evaluation(cfg, session) if cfg.schedule.eval_every else None
-    sched, total, every = cfg.schedule, cfg.optim.iterations, cfg.scale.preemption_check_every
+    log = (
+        RunLog(session.run_dir, to_dict(cfg), state.iteration + 1, position="iteration", writer=writer)
+        if session.rank == 0
+        else None
+    )
+    evaluation = TrainingEvaluation(cfg, session) if cfg.schedule.eval_every else None
     reals = real_batches(cfg, session.rank, session.world_size, session.device)
-    losses, metrics = _Losses(), {}
-    for iteration in range(start + 1, total + 1):
-        _reseed(cfg, session, noise, iteration)
-        losses.add(gan_step(cfg, nets, next(reals).to(session.device, non_blocking=True), noise, iteration))
-        last = iteration == total
-        # A drain notice (a collective: every rank checks at the same iterations) checkpoints at once.
-        preempted = bool(every) and iteration % every == 0 and session.preemption_pending()
-        checkpoint_now = _due(sched.checkpoint_every, iteration, last) or preempted
-        eval_now = evaluation is not None and _due(sched.eval_every, iteration, last)
-        mosaic_now = rank0 and _due(sched.mosaic_every, iteration, last)
-        if not (checkpoint_now or eval_now or mosaic_now or _due(sched.log_every, iteration, last)):
-            continue
-        metrics = {"iteration": iteration, "step": iteration, **losses.means()}
-        painter = _painter(cfg, nets) if eval_now or mosaic_now or (checkpoint_now and rank0) else None
-        if preempted:
-            metrics["preemption_checkpoint"] = True
-        if eval_now:
-            metrics.update(evaluation(painter))
-        if mosaic_now:
-            with torch.no_grad():
-                faces = to_uint8(painter(fixed.to(session.device)).float()).cpu()
-            uri = storage.join(session.run_dir, "mosaics", f"iter-{iteration:06d}.png")
-            writer.submit(uri, _write_mosaic, uri, faces)  # PNG and upload off the loop: the other ranks do not wait
-        if checkpoint_now:
-            metrics["ranks_in_sync"] = ranks_in_sync([nets.G, nets.D, nets.ema], session)
-            if not metrics["ranks_in_sync"]:
-                raise RuntimeError(
-                    f"iteration {iteration}: the ranks' G/D/EMA weights differ; DDP lost sync, not checkpointing a diverged model"
-                )
-        if log is not None:
-            log.log(metrics, flush=checkpoint_now or eval_now)
-            if checkpoint_now or eval_now:
-                print(_progress_line(metrics, total), flush=True)
-        if checkpoint_now or eval_now:  # every rank reports together; Tune's schedulers see the metrics
-            # bf16 autocast needs no gradient scaler, so there is no scaler state to keep.
-            state = (
-                {
-                    **nets.state(),
-                    "iteration": iteration,
-                    "step": iteration,
-                    "image_size": image_size,
-                    "fixed_latents": fixed,
-                    "config": to_dict(cfg),
-                }
-                if checkpoint_now and rank0
-                else None
+    return _Run(cfg, session, writer, log, evaluation, reals, noise, _Losses())
+
+
+def _train_iteration(run: _Run, state: GanState, iteration: int) -> None:
+    """Each rank's streams for `iteration` (see runs/resume.py): its label noise and its own latents
+    (the same latents on every rank would waste the ranks' generated halves); then one step."""
+    cfg, session = run.cfg, run.session
+    seed_rank_streams(cfg.optim.seed, session.rank, iteration, session.device)
+    run.noise.manual_seed(stream_seed(cfg.optim.seed, session.rank, iteration, NOISE_STREAM))
+    real = next(run.reals).to(session.device, non_blocking=True)
+    run.losses.add(gan_step(cfg, state.nets, real, run.noise, iteration))
+    state.iteration = iteration
+
+
+def _at_due(run: _Run, state: GanState, due: Due) -> dict[str, Any]:
+    """What `due` asks for, in an order every rank keeps (evaluation, the sync check and the report
+    are collectives); returns the iteration's metrics line."""
+    rank0 = run.session.rank == 0
+    metrics = {"iteration": state.iteration, "step": state.iteration, **run.losses.means()}
+    # Rank 0 paints before a checkpoint too: the EMA's BatchNorm statistics it saves are then its own.
+    painter = _painter(run.cfg, state.nets) if due.evaluate or due.mosaic or (due.checkpoint and rank0) else None
+    if due.preempted:
+        metrics["preemption_checkpoint"] = True
+    if due.evaluate:
+        metrics.update(run.evaluation(painter))
+    if due.mosaic:
+        _write_mosaic_later(run, state, painter)
+    if due.checkpoint:
+        metrics["ranks_in_sync"] = ranks_in_sync([state.nets.G, state.nets.D, state.nets.ema], run.session)
+        if not metrics["ranks_in_sync"]:
+            raise RuntimeError(
+                f"iteration {state.iteration}: the ranks' G/D/EMA weights differ; "
+                "DDP lost sync, not checkpointing a diverged model"
             )
-            # The last and preemption checkpoints are in storage when this returns; the others upload while training goes on.
-            session.report(
-                with_ray_score(metrics) if checkpoint_now else metrics, state, background=not (last or preempted)
-            )
-    if log is not None and metrics:  # nothing to finish when the run was already at --iterations
-        _finish(session, log, metrics)
+    if run.log is not None:
+        run.log.log(metrics, flush=due.report)
+        if due.report:
+            print(_progress_line(metrics, run.cfg.optim.iterations), flush=True)
+    if due.report:
+        saved = state.saved() if due.checkpoint and rank0 else None
+        run.session.report(with_ray_score(metrics) if due.checkpoint else metrics, saved, due.in_background)
+    return metrics
+
+
+def _painter(cfg: GanConfig, nets: GanNets) -> nn.Module:
+    """The generator mosaics, evaluations and checkpoints show: the EMA copy (dcgan), with BatchNorm
+    statistics measured for its own weights, or G itself (the study's model, as the study did)."""
+    if not draws_with_ema(cfg.model.arch):
+        return unwrap(nets.G)
+    standing_statistics(nets.ema, cfg.model.latent)
+    return nets.ema
+
+
+def _write_mosaic_later(run: _Run, state: GanState, painter: nn.Module) -> None:
+    """Rank 0: the fixed latents' faces, turned into a PNG and uploaded off the loop (the other
+    ranks do not wait)."""
+    with torch.no_grad():
+        faces = to_uint8(painter(state.fixed.to(run.session.device)).float()).cpu()
+    uri = storage.join(run.session.run_dir, "mosaics", mosaic_name(state.iteration))
+    run.writer.submit(uri, write_mosaic, uri, faces)
+
+
+def _progress_line(metrics: dict[str, Any], total: int) -> str:
+    line = f"iteration {metrics['iteration']}/{total}  loss D {metrics['loss/d']:.4f}  G {metrics['loss/g']:.4f}"
+    if "fid" in metrics:
+        line += f"  FID {metrics['fid']:.2f}  KID {metrics['kid']:.4f}"
+    return line
+
+
+def _finish(session: Session, log: RunLog, last: dict[str, Any]) -> None:
+    """Rank 0: the metrics log, the final metrics as report.json, the mosaics' contact sheet."""
+    log.close()  # drains the background writes: every mosaic is in storage
+    storage.write_bytes_atomic(storage.join(session.run_dir, "report.json"), json.dumps(last, indent=1).encode())
+    write_contact_sheet(storage.join(session.run_dir, "mosaics"))

@@ -21,10 +21,12 @@ from torch import Tensor, nn
 
 from deeprecognition import storage
 from deeprecognition.classifier.trained import TrainedClassifier
+from deeprecognition.config import GanConfig
 from deeprecognition.errors import InputError
 from deeprecognition.gan.data import RealShare, reference_faces
 from deeprecognition.gan.generate import draw_faces
 from deeprecognition.runs.distributed import all_gather_rows, all_sum, world
+from deeprecognition.runs.session import Session
 from deeprecognition.shards.sampling import part_bounds
 
 # The FID Inception weights torch-fidelity (and torchmetrics) would download.
@@ -92,7 +94,8 @@ def pick_extractor(
         return inception_extractor(weights, device)
     if classifier is None:
         raise ValueError(
-            f"FID needs features: give --inception-weights ({INCEPTION_FILE}) or --classifier (a trained classifier checkpoint)"
+            f"FID needs features: give --inception-weights ({INCEPTION_FILE}) "
+            "or --classifier (a trained classifier checkpoint)"
         )
     return classifier_extractor(classifier)
 
@@ -197,6 +200,32 @@ class GanEvaluator:
             "samples": samples,
             "real_samples": len(self.real),
         }
+
+
+class TrainingEvaluation:
+    """A training run's FID/KID and attribute rates, every schedule.eval_every iterations, by every
+    rank together."""
+
+    def __init__(self, cfg: GanConfig, session: Session) -> None:
+        classifier = TrainedClassifier.load(cfg.eval.classifier, session.device) if cfg.eval.classifier else None
+        extractor = pick_extractor(cfg.eval.inception_weights, classifier, session.device)
+        real = reference_faces(cfg, cfg.eval.samples, session.device, session.rank, session.world_size)
+        self.evaluator = GanEvaluator(extractor, real, classifier)
+        self.samples, self.latent = cfg.eval.samples, cfg.model.latent
+        if session.rank == 0:
+            print(
+                f"evaluating every {cfg.schedule.eval_every} iterations on {real.total} real faces "
+                f"({session.world_size} rank(s)); features: {extractor.name}",
+                flush=True,
+            )
+
+    def __call__(self, painter: nn.Module) -> dict[str, float]:
+        """What goes into metrics.jsonl, TensorBoard and the reports Tune's schedulers see."""
+        result = self.evaluator(painter, self.latent, self.samples)
+        scalars = {key: result[key] for key in ("fid", "kid")}
+        scalars.update({f"rate/{name}": rate for name, rate in result["attribute_rate"].items()})
+        scalars.update({f"data_rate/{name}": rate for name, rate in result["data_attribute_rate"].items()})
+        return scalars
 
 
 def evaluate_gan(

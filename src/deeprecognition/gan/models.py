@@ -9,15 +9,18 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.nn.utils.parametrizations import spectral_norm
 
-ARCHS: tuple[str, ...] = ("paper", "dcgan")
-LOSSES: tuple[str, ...] = ("bce", "hinge")
+from deeprecognition.config import Arch, GanLoss
+from deeprecognition.runs.distributed import unwrap
+
+ARCHS: tuple[str, ...] = get_args(Arch)
+LOSSES: tuple[str, ...] = get_args(GanLoss)
 # The study's LeakyReLU slope, also the DCGAN paper's.
 SLOPE = 0.2
 
@@ -200,14 +203,9 @@ def g_loss(fake_logits: Tensor, loss: str) -> Tensor:
     return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
 
 
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel wrapper, or the model itself."""
-    return model.module if isinstance(model, DistributedDataParallel) else model
-
-
 def ema_copy(model: nn.Module) -> nn.Module:
     """A frozen copy of `model` for exponential moving averages of its weights."""
-    ema = copy.deepcopy(_unwrap(model)).eval()
+    ema = copy.deepcopy(unwrap(model)).eval()
     ema.requires_grad_(False)
     return ema
 
@@ -223,7 +221,7 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float = 0.999) -> None:
     """ema <- decay * ema + (1 - decay) * model for parameters; buffers are copied (averaging running
     statistics has no meaning; BatchNorm's are recomputed for the EMA weights before it draws, see
     standing_statistics)."""
-    model = _unwrap(model)
+    model = unwrap(model)
     for e, p in zip(ema.parameters(), model.parameters(), strict=True):
         e.lerp_(p, 1 - decay)
     for e, b in zip(ema.buffers(), model.buffers(), strict=True):

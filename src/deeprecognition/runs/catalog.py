@@ -251,7 +251,8 @@ def best(uri: str, latest: bool = False) -> CheckpointInfo:
         if len(runs) > 1:
             raise InputError(
                 uri,
-                f"holds {len(runs)} runs ({', '.join(r.name for r in runs)}): give one run's URI for its latest checkpoint",
+                f"holds {len(runs)} runs ({', '.join(r.name for r in runs)}): give one run's URI for its latest "
+                "checkpoint",
             )
         return runs[0].latest
     rankings = {r.ranking.name for r in runs}
@@ -314,11 +315,13 @@ def format_runs(runs: list[RunInfo]) -> str:
             else f"{'higher' if r.ranking.higher_is_better else 'lower'} is better"
         )
         lines.append(
-            f"{r.name}  {r.uri}  {len(r.checkpoints)} checkpoint(s), {human_bytes(r.bytes)}, ranked by {r.ranking.name} ({order})"
+            f"{r.name}  {r.uri}  {len(r.checkpoints)} checkpoint(s), {human_bytes(r.bytes)}, ranked by "
+            f"{r.ranking.name} ({order})"
         )
         for i, c in enumerate(r.checkpoints):
             lines.append(
-                f"  {'*' if i == 0 else ' '} {c.name:<40} {c.position():<22} {_score(c, r.ranking):<32} {human_bytes(c.bytes):>9}"
+                f"  {'*' if i == 0 else ' '} {c.name:<40} {c.position():<22} {_score(c, r.ranking):<32} "
+                f"{human_bytes(c.bytes):>9}"
             )
         lines += [f"  ! {name:<40} incomplete, not listed: {why}" for name, why in r.incomplete]
     return "\n".join(lines)

@@ -182,7 +182,8 @@ def wait_for_capacity(
                 return waited
             if timeout_s - (time.monotonic() - start) > 0:
                 say(
-                    f"still waiting ({_minutes(time.monotonic() - start)}) for {placement.describe()}: {cluster_summary(placement)}"
+                    f"still waiting ({_minutes(time.monotonic() - start)}) for {placement.describe()}: "
+                    f"{cluster_summary(placement)}"
                 )
         raise CapacityTimeout(
             f"no room for {placement.describe()} after {_minutes(timeout_s)} ({cluster_summary(placement)}): "

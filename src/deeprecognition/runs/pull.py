@@ -95,7 +95,8 @@ def plan(source: str) -> list[RemoteFile]:
         folder, why = min(partial.items())
         raise InputError(
             _uri(source, folder),
-            f"an incomplete checkpoint ({why}): not pulling it; pull whole ones with --best or --checkpoint NAME, or wait for the upload to end",
+            f"an incomplete checkpoint ({why}): not pulling it; pull whole ones with --best or --checkpoint NAME, or "
+            "wait for the upload to end",
         )
     sums = _checksums(source, [rel for rel in objects if posixpath.basename(rel) == CHECKSUMS])
     return [
@@ -139,13 +140,13 @@ def pull(
     files = plan(source)
     final = os.path.join(storage.local_path(dest), name)
     partial = os.path.join(storage.local_path(dest), f".{name}.partial")
-    report = dict(
-        source=source,
-        dest=final,
-        files=len(files),
-        bytes=sum(f.size for f in files),
-        checks=dict(Counter(f.check for f in files)),
-    )
+    report = {
+        "source": source,
+        "dest": final,
+        "files": len(files),
+        "bytes": sum(f.size for f in files),
+        "checks": dict(Counter(f.check for f in files)),
+    }
     if os.path.exists(final):
         if all(f.matches(_local(final, f)) for f in files):
             return PullReport(**report, fetched=0, kept=len(files), up_to_date=True, seconds=time.monotonic() - start)

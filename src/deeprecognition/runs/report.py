@@ -1,6 +1,6 @@
 """What a run leaves beside its checkpoints: the resolved config, a JSONL of metrics, TensorBoard
-events, and at the end the test report (JSON + Markdown) and the learning curves (the study's
-Figure 2). Written by rank 0, to local or S3 run storage alike.
+events, and at the end the final metrics (report.json) with whatever files the task adds (a
+classifier's report.md and learning curves). Written by rank 0, to local or S3 run storage alike.
 
 A flush sends only what is new, so a long run writes its log in linear bytes (metrics.jsonl is
 rewritten whole only when a run resumes and when it ends): on a local disk metrics.jsonl is
@@ -12,7 +12,6 @@ pieces together; readers never see a line twice or a line the resumed run traine
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import re
@@ -25,7 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from deeprecognition import storage
-from deeprecognition.classifier.metrics import format_report
 from deeprecognition.runs.background import BackgroundWriter
 
 METRICS_LOG = "metrics.jsonl"
@@ -232,42 +230,10 @@ class RunLog:
             _fold(self.run_uri, self.history, _parts(self.run_uri))
         shutil.rmtree(self._tb_dir, ignore_errors=True)
 
-    def finish(self, test: dict[str, Any], title: str) -> None:
+    def finish(self, report: dict[str, Any], files: dict[str, bytes]) -> None:
+        """The log closed, then the run's final metrics as report.json and the task's own files
+        beside it (a classifier's report.md and curves.png): the log knows no task's formats."""
         self.close()
-        storage.write_bytes_atomic(storage.join(self.run_uri, "report.json"), json.dumps(test, indent=1).encode())
-        storage.write_bytes_atomic(storage.join(self.run_uri, "report.md"), format_report(test, title).encode())
-        storage.write_bytes_atomic(storage.join(self.run_uri, "curves.png"), curves_png({title: self.history}))
-
-
-def curves_png(runs: dict[str, list[dict[str, Any]]]) -> bytes:
-    """Train and validation mean accuracy per epoch for one or more runs, with the majority floor."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for i, (label, history) in enumerate(runs.items()):
-        color = f"C{i}"
-        epochs = [m["epoch"] + 1 for m in history]
-        ax.plot(epochs, [m["val/mean_accuracy"] for m in history], color=color, marker="o", label=f"{label} val")
-        ax.plot(
-            epochs, [m["train/mean_accuracy"] for m in history], color=color, linestyle="--", label=f"{label} train"
-        )
-        if history:
-            ax.axhline(
-                history[-1]["val/mean_majority_baseline"],
-                color=color,
-                linestyle=":",
-                linewidth=1,
-                label=f"{label} majority floor",
-            )
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("mean accuracy")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
+        storage.write_bytes_atomic(storage.join(self.run_uri, "report.json"), json.dumps(report, indent=1).encode())
+        for name, data in files.items():
+            storage.write_bytes_atomic(storage.join(self.run_uri, name), data)

@@ -131,7 +131,8 @@ class Session:
                 f"{max(0.0, info.deadline_ms / 1000 - time.time()):.0f} s" if info.deadline_ms else "no deadline given"
             )
             print(
-                f"preemption notice: node(s) {', '.join(n[:8] for n in info.preempted_node_ids)} (ranks {info.preempted_ranks}) "
+                f"preemption notice: node(s) {', '.join(n[:8] for n in info.preempted_node_ids)} "
+                f"(ranks {info.preempted_ranks}) "
                 f"draining, {left} left; checkpointing now",
                 flush=True,
             )

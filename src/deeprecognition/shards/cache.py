@@ -90,7 +90,8 @@ class ShardCache:
             os.makedirs(folder, exist_ok=True)
         except OSError as err:
             raise ValueError(
-                f"data.cache: cannot create the shard cache {folder} ({err.strerror}): set data.cache to a writable folder, or off"
+                f"data.cache: cannot create the shard cache {folder} ({err.strerror}): set data.cache to a writable "
+                "folder, or off"
             ) from None
         return cls(folder, int(cap_gb * 1e9))
 

@@ -17,8 +17,7 @@ from typing import NamedTuple
 import torch
 from torchvision.io import ImageReadMode, decode_jpeg
 
-DECODES = ("cpu", "gpu")
-NEEDS_GPU = "data.decode=gpu needs scale.gpu=true (--gpu) and a CUDA device"
+from deeprecognition.shards.choices import DECODES, NEEDS_GPU
 
 
 class EncodedImages(NamedTuple):

@@ -162,7 +162,8 @@ def read_manifest(dataset: str) -> Manifest:
     path = storage.join(dataset, MANIFEST)
     raw = storage.read_required(
         path,
-        "a dataset is a folder with manifest.json (run `deeprec pack SRC DEST` first; an interrupted pack has no manifest yet, run it again)",
+        "a dataset is a folder with manifest.json (run `deeprec pack SRC DEST` first; an interrupted pack has no "
+        "manifest yet, run it again)",
     )
     try:
         data = json.loads(raw)

@@ -13,7 +13,7 @@ import hashlib
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 
@@ -34,23 +34,12 @@ from deeprecognition.shards.manifest import (
     read_manifest,
     write_manifest,
 )
-from deeprecognition.shards.plan import PackPlan, ShardPlan, make_plan
+from deeprecognition.shards.plan import PackOptions, PackPlan, ShardPlan, make_plan
 from deeprecognition.shards.tario import tar_bytes
 
 log = logging.getLogger(__name__)
 
 RECORDS = "_pack"
-
-
-@dataclass(frozen=True, kw_only=True)
-class PackOptions:
-    image: ImageFormat = field(default_factory=ImageFormat)
-    split: str = "official"  # or "random": seeded 60/20/20, identities kept apart when known (plan.split_codes)
-    seed: int = 0
-    samples_per_shard: int = 5000
-    allow_missing: bool = False
-    strict: bool = False
-    num_workers: int | None = None  # concurrent shard tasks; None = every CPU of the Ray cluster
 
 
 @dataclass(frozen=True)
@@ -238,7 +227,8 @@ def _manifest(
     )
 
 
-def pack(src: str, dest: str, options: PackOptions = PackOptions(), progress: bool = False) -> PackReport:
+def pack(src: str, dest: str, options: PackOptions | None = None, progress: bool = False) -> PackReport:
+    options = options or PackOptions()
     start, retries_before = time.perf_counter(), storage.retry_count()
     source = find_source(src)
     annotations = load_annotations(source)
@@ -250,7 +240,8 @@ def pack(src: str, dest: str, options: PackOptions = PackOptions(), progress: bo
         if existing.source.get("plan") != plan.plan_id:
             raise InputError(
                 storage.join(dest, MANIFEST),
-                "DEST already holds a dataset packed from another source or with other options: pack into a new DEST, or delete this one first",
+                "DEST already holds a dataset packed from another source or with other options: pack into a new DEST, "
+                "or delete this one first",
             )
         _remove_records(dest)  # left behind if an earlier run died right after its manifest
         if existing.labels is None:  # packed before the label index: add it, the shards stay

@@ -9,8 +9,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -19,13 +19,22 @@ from deeprecognition.celeba.annotations import Annotations
 from deeprecognition.celeba.attributes import SPLITS
 from deeprecognition.celeba.source import CelebASource
 from deeprecognition.errors import InputError
-
-if TYPE_CHECKING:
-    from deeprecognition.shards.pack import PackOptions
+from deeprecognition.shards.encode import ImageFormat
 
 log = logging.getLogger(__name__)
 
 RANDOM_FRACTIONS = (0.6, 0.2, 0.2)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PackOptions:
+    image: ImageFormat = field(default_factory=ImageFormat)
+    split: str = "official"  # or "random": seeded 60/20/20, identities kept apart when known (plan.split_codes)
+    seed: int = 0
+    samples_per_shard: int = 5000
+    allow_missing: bool = False
+    strict: bool = False
+    num_workers: int | None = None  # concurrent shard tasks; None = every CPU of the Ray cluster
 
 
 @dataclass(frozen=True)

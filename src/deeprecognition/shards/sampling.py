@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import numpy as np
 
-SAMPLING = ("epoch", "resample")
+# data.sampling, typed: its values are the config's choices.
+Sampling = Literal["epoch", "resample"]
+SAMPLING: tuple[str, ...] = get_args(Sampling)
 
 
 @dataclass(frozen=True)

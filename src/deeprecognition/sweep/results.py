@@ -143,7 +143,8 @@ def format_table(result: SweepResult) -> str:
         values = " ".join(f"{k}={_cell(v)}" for k, v in best.config.items())
         lines += [
             "",
-            f"best ({result.mode} {result.metric}): trial {best.trial_id}  {values}  {result.metric}={_cell(best.metrics[result.metric])}",
+            f"best ({result.mode} {result.metric}): trial {best.trial_id}  {values}  "
+            f"{result.metric}={_cell(best.metrics[result.metric])}",
             f"checkpoint: {best.checkpoint}",
         ]
     return "\n".join(lines)

@@ -180,7 +180,8 @@ def _reserved(fields: list[str], where: str) -> None:
     taken = [f for f in fields if f in RESERVED]
     if taken:
         raise ValueError(
-            f"{where} cannot set {', '.join(taken)}: the sweep sets them from --data, --storage, the trial id and trial.workers/gpu"
+            f"{where} cannot set {', '.join(taken)}: the sweep sets them from --data, --storage, the trial id and "
+            "trial.workers/gpu"
         )
 
 
@@ -246,7 +247,8 @@ def _scheduler(raw: Any) -> SchedulerSpec:
         raise ValueError(f"scheduler.time_attr must be training_iteration or time_total_s, got {sched.time_attr!r}")
     if not 1 <= sched.grace_period <= sched.max_t or sched.reduction_factor <= 1:
         raise ValueError(
-            f"scheduler needs 1 <= grace_period <= max_t and reduction_factor > 1, got {sched.grace_period}, {sched.max_t}, {sched.reduction_factor}"
+            f"scheduler needs 1 <= grace_period <= max_t and reduction_factor > 1, got {sched.grace_period}, "
+            f"{sched.max_t}, {sched.reduction_factor}"
         )
     return sched
 

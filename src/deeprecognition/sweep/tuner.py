@@ -54,7 +54,8 @@ def check_capacity(spec: SweepSpec) -> None:
         wants = ", ".join(f"{v:g} {k}" for k, v in need.items())
         has = ", ".join(f"{capacity.get(k, 0):g} {k}" for k in short)
         raise ValueError(
-            f"{spec.file}: one trial needs {wants} for its {trial.workers} worker(s), but this Ray cluster can hold at most {has}: "
+            f"{spec.file}: one trial needs {wants} for its {trial.workers} worker(s), but this Ray cluster can hold at "
+            f"most {has}: "
             "lower trial.workers, set trial.gpu: false, lower data.loader_workers, or use a bigger cluster"
         )
 
@@ -125,7 +126,8 @@ def _resumed(spec: SweepSpec, path: str, trainable) -> tune.Tuner:
     changed = sorted(k for k, v in _record(spec).items() if saved.get(k) != v)
     if changed:
         raise ValueError(
-            f"the sweep at {path} was started with other {', '.join(changed)}: resume it with the same file and options, or start a new one with --name"
+            f"the sweep at {path} was started with other {', '.join(changed)}: resume it with the same file and "
+            "options, or start a new one with --name"
         )
     # Errored trials are resumed from their Train run's latest checkpoint, like interrupted ones.
     return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)

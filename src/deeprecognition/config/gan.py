@@ -1,0 +1,147 @@
+"""The GAN's config and its presets: the study's GAN and a modern DCGAN."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from deeprecognition.config.fields import check_fields, option, with_default
+from deeprecognition.config.sections import LoaderSettings, RunSettings, ScaleConfig, check_cache_and_decode
+
+# The choice fields' values; gan/models.py reads its tuples from these.
+Arch = Literal["paper", "dcgan"]
+GanLoss = Literal["bce", "hinge"]
+GanOptimizer = Literal["rmsprop", "adam"]
+
+
+@dataclass(kw_only=True)
+class GanModelConfig:
+    arch: Arch = option("paper", "paper: the study's Keras model; dcgan: spectral norm, EMA generator", flag=True)
+    latent: int = option(32, "size of the generator's input noise", flag=True)
+    loss: GanLoss = option("bce", "bce: non-saturating; hinge", flag=True)
+    ema_decay: float = option(0.999, "of the EMA generator, which draws the mosaics (dcgan)")
+    width: int = option(64, "dcgan: channels of the last generator / first discriminator block")
+
+
+@dataclass(kw_only=True)
+class GanDataConfig(LoaderSettings):
+    where: str = option(
+        "Attractive=1", 'attribute conditions: the study trained on "Attractive=1" faces; "" for all faces', flag=True
+    )
+    batch_size: int = with_default(LoaderSettings, "batch_size", 16)
+    # The study's "a network decides which faces are attractive".
+    where_classifier: str = option(
+        "",
+        "keep the real faces this trained classifier (checkpoint or run) scores >= --threshold",
+        flag=True,
+        metavar="CKPT",
+    )
+    threshold: float = option(0.5, "for --where-classifier", flag=True)
+    classifier_attribute: str = option("", "the attribute --where-classifier scores; default: its only one")
+
+
+@dataclass(kw_only=True)
+class GanOptimConfig:
+    iterations: int = option(1000, "total; a larger value continues a finished run", flag=True)
+    optimizer: GanOptimizer = option("rmsprop", "for both networks")
+    lr_g: float = option(1e-4, "the generator's learning rate")
+    lr_d: float = option(1e-4, "the discriminator's learning rate")
+    beta1: float = option(0.5, "Adam's beta1")
+    beta2: float = option(0.999, "Adam's beta2")
+    clip: float = option(1.0, "element-wise gradient clip, Keras' clipvalue (the study's 1.0); 0: off")
+    label_noise: float = option(0.05, "bce: each label moves toward the other class by U[0, this]")
+    seed: int = option(0, "initial weights, noise and sample order")
+
+
+@dataclass(kw_only=True)
+class GanScheduleConfig:
+    # 0 means at the last iteration only; preemption notices checkpoint whatever these say.
+    mosaic_every: int = option(50, "a mosaic of faces every N iterations; 0: at the last only", flag=True)
+    checkpoint_every: int = option(200, "a checkpoint every N iterations; 0: at the last only", flag=True)
+    log_every: int = option(10, "a log line every N iterations; 0: at the last only")
+    eval_every: int = option(
+        0,
+        "FID/KID and attribute rates every N iterations (needs --classifier or --inception-weights); 0: never",
+        flag=True,
+    )
+
+
+@dataclass(kw_only=True)
+class GanEvalConfig:
+    classifier: str = option(
+        "", "a trained classifier: attribute rates, and FID features without Inception", flag=True, metavar="CKPT"
+    )
+    inception_weights: str = option(
+        "", "FID Inception weights file (pt_inception-2015-12-05-*.pth), local or s3://", flag=True, metavar="PATH"
+    )
+    samples: int = option(1000, "generated and real faces per evaluation", flag="--eval-samples")
+
+
+@dataclass(kw_only=True)
+class GanConfig(RunSettings):
+    name: str = with_default(RunSettings, "name", "gan")
+    model: GanModelConfig = field(default_factory=GanModelConfig)
+    data: GanDataConfig = field(default_factory=GanDataConfig)
+    optim: GanOptimConfig = field(default_factory=GanOptimConfig)
+    schedule: GanScheduleConfig = field(default_factory=GanScheduleConfig)
+    eval: GanEvalConfig = field(default_factory=GanEvalConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+
+    def validate(self) -> GanConfig:
+        from deeprecognition.shards.loader import parse_where
+
+        parse_where(self.data.where)
+        sched, optim = self.schedule, self.optim
+        check_fields(
+            positives=(
+                ("optim.iterations", optim.iterations),
+                ("optim.lr_g", optim.lr_g),
+                ("optim.lr_d", optim.lr_d),
+                ("data.batch_size", self.data.batch_size),
+                ("model.latent", self.model.latent),
+                ("model.width", self.model.width),
+                ("eval.samples", self.eval.samples),
+                *self.scale.positives(),
+            ),
+            non_negatives=(
+                ("schedule.mosaic_every", sched.mosaic_every),
+                ("schedule.checkpoint_every", sched.checkpoint_every),
+                ("schedule.log_every", sched.log_every),
+                ("schedule.eval_every", sched.eval_every),
+                ("optim.clip", optim.clip),
+                ("optim.label_noise", optim.label_noise),
+                ("data.loader_workers", self.data.loader_workers),
+                *self.scale.non_negatives(),
+            ),
+        )
+        check_cache_and_decode(self.data, self.scale.gpu)
+        if self.eval.samples < 2:
+            raise ValueError(f"eval.samples must be at least 2 (FID needs a covariance), got {self.eval.samples}")
+        if not 0 < self.data.threshold < 1:
+            raise ValueError(f"data.threshold must be between 0 and 1, got {self.data.threshold}")
+        if self.schedule.eval_every and not (self.eval.classifier or self.eval.inception_weights):
+            raise ValueError(
+                "schedule.eval_every needs eval.classifier (a trained classifier checkpoint) or eval.inception_weights"
+            )
+        self.scale.check()
+        return self
+
+
+def paper_gan() -> GanConfig:
+    """The study's GAN: latent 32, batch 16, RMSprop 1e-4 with clipping, label noise 0.05, trained on
+    Attractive faces; with real images scaled to [-1, 1] (the original fed [0, 1] to a tanh GAN)."""
+    return GanConfig(name="paper-gan")
+
+
+def modern_dcgan() -> GanConfig:
+    """A DCGAN with spectral norm, hinge loss, Adam(2e-4, 0.0/0.9) and an EMA generator."""
+    return GanConfig(
+        name="dcgan",
+        model=GanModelConfig(arch="dcgan", latent=128, loss="hinge"),
+        data=GanDataConfig(batch_size=64),
+        optim=GanOptimConfig(optimizer="adam", lr_g=2e-4, lr_d=2e-4, beta1=0.0, beta2=0.9, clip=0.0, label_noise=0.0),
+    )
+
+
+GAN_PRESETS: dict[str, Callable[[], GanConfig]] = {"paper-gan": paper_gan, "dcgan": modern_dcgan}
