@@ -13,7 +13,6 @@ schedule asks for at it (`due_at`, a `Due`) and that work (`_at_due`); at the en
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -390,6 +389,5 @@ def _progress_line(metrics: dict[str, Any], total: int) -> str:
 
 def _finish(session: Session, log: RunLog, last: dict[str, Any]) -> None:
     """Rank 0: the metrics log, the final metrics as report.json, the mosaics' contact sheet."""
-    log.close()  # drains the background writes: every mosaic is in storage
-    storage.write_bytes_atomic(storage.join(session.run_dir, "report.json"), json.dumps(last, indent=1).encode())
+    log.finish(last, {})  # drains the background writes first: every mosaic is in storage
     write_contact_sheet(storage.join(session.run_dir, "mosaics"))
