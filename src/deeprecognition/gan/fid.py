@@ -1,0 +1,132 @@
+"""`deeprec fid A B`: FID and KID between any two sets of faces, each a packed dataset's split, a
+folder of images, or a GAN run or checkpoint (its faces, from the evaluation latents). What
+pytorch-fid and clean-fid do for two folders, with the standard Inception network by default
+(gan/inception.py) and the same formulas as a run's own evaluation (gan/metrics.py).
+
+Each side is read as a stream of batches and only its features are kept (50k x 2048 floats),
+never its images. Every output says how many faces a number used: FID depends on it (Mimicry's
+CelebA records are 50k vs 50k).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from deeprecognition import storage
+from deeprecognition.errors import InputError
+from deeprecognition.gan.inception import STANDARD
+from deeprecognition.gan.metrics import EVAL_SEED, FeatureExtractor, frechet_distance, inception_extractor
+from deeprecognition.gan.metrics import kernel_distance as kid
+from deeprecognition.runs.checkpoint import STATE
+from deeprecognition.shards.manifest import MANIFEST
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+BATCH = 250
+
+
+@dataclass(frozen=True)
+class FaceSet:
+    what: str  # how outputs name it: "test split of DATA", "folder DIR", "GAN CKPT (iteration N)"
+    batches: Iterator[Tensor]  # uint8 (B, 3, H, W), at most `samples` faces in all
+
+
+def fid_between(
+    a: str, b: str, samples: int = 10_000, split_a: str = "test", split_b: str = "test", inception_weights: str = ""
+) -> dict[str, Any]:
+    """FID and KID between the first `samples` faces of `a` and of `b` (fewer when one has fewer)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    extractor = inception_extractor(inception_weights or STANDARD, device)
+    first, second = face_set(a, split_a, samples, device), face_set(b, split_b, samples, device)
+    real, fake = _features(first, extractor), _features(second, extractor)
+    for side, features in ((first, real), (second, fake)):
+        if len(features) < 2:
+            raise ValueError(f"{side.what}: {len(features)} face(s); FID needs at least 2 on each side")
+    kid_mean, kid_std = kid(real, fake)
+    return {
+        "fid": frechet_distance(real, fake),
+        "kid": kid_mean,
+        "kid_std": kid_std,
+        "samples": min(len(real), len(fake)),
+        "samples_a": len(real),
+        "samples_b": len(fake),
+        "a": first.what,
+        "b": second.what,
+        "feature_extractor": extractor.name,
+    }
+
+
+def face_set(uri: str, split: str, samples: int, device: torch.device) -> FaceSet:
+    """A packed dataset (it has manifest.json), a folder of images (and no checkpoints: a GAN run
+    holds its grids and mosaics), else a GAN."""
+    if storage.exists(storage.join(uri, MANIFEST)):
+        return FaceSet(f"{split} split of {uri}", _dataset_batches(uri, split, samples))
+    if not storage.is_remote(uri) and os.path.isdir(uri) and _image_files(uri) and not _holds_checkpoints(uri):
+        files = _image_files(uri)[:samples]
+        return FaceSet(f"folder {uri}", _folder_batches(uri, files))
+    from deeprecognition.gan.generate import TrainedGan
+
+    gan = TrainedGan.load(uri, device=device)
+    return FaceSet(f"GAN {gan.checkpoint} (iteration {gan.iteration})", _gan_batches(gan, samples))
+
+
+def _features(faces: FaceSet, extractor: FeatureExtractor) -> Tensor:
+    chunks = [extractor.features(batch).float() for batch in faces.batches]
+    return torch.cat(chunks) if chunks else torch.zeros((0, extractor.dim), device=extractor.device)
+
+
+def _dataset_batches(uri: str, split: str, samples: int) -> Iterator[Tensor]:
+    """The split's first `samples` faces in shard order, as `deeprec evaluate-gan` reads them."""
+    from deeprecognition.shards.loader import LoaderConfig, make_loader
+
+    config = LoaderConfig(data=uri, split=split, targets=(), training=False, batch_size=BATCH, num_workers=0)
+    left = samples
+    for batch in make_loader(config, rank=0, world_size=1):
+        if left <= 0:
+            return
+        yield batch.images[:left]
+        left -= len(batch.images)
+
+
+def _holds_checkpoints(folder: str) -> bool:
+    return os.path.exists(os.path.join(folder, STATE)) or any(n.startswith("checkpoint_") for n in os.listdir(folder))
+
+
+def _image_files(folder: str) -> list[str]:
+    return sorted(n for n in os.listdir(folder) if n.lower().endswith(IMAGE_SUFFIXES))
+
+
+def _folder_batches(folder: str, files: list[str]) -> Iterator[Tensor]:
+    """The images in name order; all of one size (FID compares sets of faces at one resolution)."""
+    size = None
+    for start in range(0, len(files), BATCH):
+        images = []
+        for name in files[start : start + BATCH]:
+            with Image.open(os.path.join(folder, name)) as image:
+                pixels = np.array(image.convert("RGB"))  # a writable copy, as torch wants
+            size = size or pixels.shape
+            if pixels.shape != size:
+                raise InputError(
+                    os.path.join(folder, name),
+                    f"is {pixels.shape[1]}x{pixels.shape[0]}, the folder's first image {size[1]}x{size[0]}: "
+                    "resize the folder to one size first",
+                )
+            images.append(torch.from_numpy(pixels).permute(2, 0, 1))
+        yield torch.stack(images)
+
+
+def _gan_batches(gan, samples: int) -> Iterator[Tensor]:
+    """`samples` faces from the evaluation latents (a run's own FID draws the same ones)."""
+    from deeprecognition.gan.generate import draw_faces
+
+    for start in range(0, samples, BATCH):
+        part = slice(start, min(start + BATCH, samples))
+        with torch.no_grad():
+            yield draw_faces(gan.generator, gan.config.model.latent, samples, EVAL_SEED, part=part)
