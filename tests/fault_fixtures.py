@@ -11,8 +11,6 @@ from deeprecognition.runs.checkpoint import write_checkpoint
 
 from .faultproxy import FaultProxy
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def proxy_to(s3: str, **faults) -> FaultProxy:
     """A started FaultProxy in front of the S3 server at `s3` with `faults` (see bench/netsim.py)."""

@@ -26,6 +26,13 @@ RAY = os.path.join(os.path.dirname(sys.executable), "ray")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def smoke_classifier_args(data: str, storage: str, name: str, *options: str) -> list[str]:
+    """`deeprec` arguments for a classifier run of one epoch of two steps on one worker."""
+    return ["train", "classifier", "--data", data, "--storage", storage, "--name", name, *options] + (
+        "--epochs 1 --steps-per-epoch 2 --num-workers 1 --set data.loader_workers=0".split()
+    )
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -16,7 +16,7 @@ import pytest
 from deeprecognition.runs.catalog import list_runs
 from deeprecognition.runs.placement import RAY_START_TIMEOUT_ENV
 
-from .rayhead import RayHead
+from .rayhead import RayHead, smoke_classifier_args
 
 NODE_JOINS_AFTER_S = 75
 
@@ -39,24 +39,7 @@ def test_a_job_waits_for_the_worker_node_that_joins_after_ray_trains_start_timeo
                 "python",
                 "-m",
                 "deeprecognition",
-                "train",
-                "classifier",
-                "--preset",
-                "paper-cnn",
-                "--data",
-                packed.dest,
-                "--epochs",
-                "1",
-                "--steps-per-epoch",
-                "2",
-                "--num-workers",
-                "1",
-                "--storage",
-                str(tmp_path),
-                "--name",
-                "cold",
-                "--set",
-                "data.loader_workers=0",
+                *smoke_classifier_args(packed.dest, str(tmp_path), "cold", "--preset", "paper-cnn"),
             ],
             "cold-start",
             runtime_env={"py_modules": ["src/deeprecognition"]},

@@ -26,7 +26,8 @@ from deeprecognition.errors import InputError
 from deeprecognition.runs.checkpoint import load_state
 
 from .conftest import BUCKET
-from .fault_fixtures import REPO, fake_checkpoint
+from .fault_fixtures import fake_checkpoint
+from .rayhead import REPO, smoke_classifier_args
 from .test_sweep import GOOD
 
 # ----- hostile inputs --------------------------------------------------------------------------
@@ -141,24 +142,7 @@ def test_no_credential_in_the_runs_files_checkpoints_or_logs(packed, s3, tmp_pat
                 "-m",
                 "deeprecognition",
                 "-v",
-                "train",
-                "classifier",
-                "--data",
-                packed.dest,
-                "--task",
-                "Male",
-                "--epochs",
-                "1",
-                "--steps-per-epoch",
-                "2",
-                "--num-workers",
-                "1",
-                "--storage",
-                runs,
-                "--name",
-                "leak-check",
-                "--set",
-                "data.loader_workers=0",
+                *smoke_classifier_args(packed.dest, runs, "leak-check", "--task", "Male"),
             ],
             env=env,
             capture_output=True,

@@ -21,8 +21,8 @@ from deeprecognition.runs.pull import pull
 
 from .conftest import BUCKET
 from .damage import truncate
-from .fault_fixtures import REPO, fake_checkpoint, proxy_to, tree
-from .rayhead import _session_members
+from .fault_fixtures import fake_checkpoint, proxy_to, tree
+from .rayhead import REPO, _session_members
 
 
 def _kill_when(proc: subprocess.Popen, ready, what: str, timeout_s: float = 120) -> None:

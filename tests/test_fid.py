@@ -16,7 +16,7 @@ from deeprecognition.gan.fid import fid_between
 from deeprecognition.gan.loop import train_loop_per_worker
 from deeprecognition.shards.loader import LoaderConfig, make_loader
 
-N = 12  # faces per side: the standard network on the CPU takes ~0.2 s a face
+N = 12  # faces per side: the standard network takes ~0.1 s a face on a 2-core CPU
 
 
 @pytest.fixture(scope="module")

@@ -49,10 +49,7 @@ def test_the_converted_network_gives_the_torchscripts_features_on_random_images(
 
 @pytest.mark.real_data
 def test_the_converted_network_gives_the_torchscripts_features_on_real_faces(converted, torchscript):
-    root = os.environ.get("DEEPREC_CELEBA_ROOT")
-    if not root:
-        pytest.skip("DEEPREC_CELEBA_ROOT is not set")
-    folder = os.path.join(root, "img_align_celeba")
+    folder = os.path.join(os.environ["DEEPREC_CELEBA_ROOT"], "img_align_celeba")  # real_data: set when run
     names = sorted(os.listdir(folder))[:4]
     faces = [np.asarray(Image.open(os.path.join(folder, n)).convert("RGB").resize((SIDE, SIDE))) for n in names]
     images = torch.from_numpy(np.stack(faces)).permute(0, 3, 1, 2).contiguous()

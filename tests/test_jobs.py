@@ -20,7 +20,7 @@ from deeprecognition.runs.checkpoint import load_state
 from deeprecognition.runs.pull import pull
 
 from .conftest import BUCKET
-from .rayhead import REPO, RayHead
+from .rayhead import REPO, RayHead, smoke_classifier_args
 
 
 @pytest.fixture(scope="module")
@@ -66,26 +66,7 @@ def test_a_training_job_submitted_with_ray_job_submit_checkpoints_to_s3(head, pa
     submit_and_wait(
         head,
         "train-classifier",
-        [
-            "train",
-            "classifier",
-            "--preset",
-            "paper-cnn",
-            "--data",
-            packed.dest,
-            "--epochs",
-            "1",
-            "--steps-per-epoch",
-            "2",
-            "--num-workers",
-            "1",
-            "--storage",
-            runs,
-            "--name",
-            "job-cnn",
-            "--set",
-            "data.loader_workers=0",
-        ],
+        smoke_classifier_args(packed.dest, runs, "job-cnn", "--preset", "paper-cnn"),
         s3,
     )
     assert "run job-cnn finished" in head.jobs_cli("logs", "train-classifier").stdout

@@ -301,7 +301,6 @@ def test_attractive_is_learnable_but_noisy() -> None:
 
 
 @pytest.mark.real_data
-@pytest.mark.skipif(not os.environ.get("DEEPREC_CELEBA_ROOT"), reason="DEEPREC_CELEBA_ROOT is not set")
 def test_committed_stats_are_fitted_to_the_real_file() -> None:
     refit = fit_stats(load_annotations(find_source(os.environ["DEEPREC_CELEBA_ROOT"])))
     stats = load_stats()

@@ -1,7 +1,7 @@
 """The classifier's per-worker training loop: plain PyTorch, under Ray Train or in one process.
 
 Rebuilds the typed config, builds the model (`_build`), continues from the latest checkpoint
-(`_resume`), builds this rank's loaders and wraps the model in DDP when there are several ranks
+(`resume_latest`), builds this rank's loaders and wraps the model in DDP when there are several ranks
 (`_setup`), then per epoch trains with Adam and BCE-with-logits, one sigmoid per label
 (`_train_epoch`), evaluates, logs and reports, checkpointing when due (`_end_epoch`); at the end it
 evaluates on test and writes the report (`_finish`). Images arrive as uint8 and become float on
@@ -29,7 +29,7 @@ from deeprecognition.config import ClassifierConfig, from_dict, to_dict
 from deeprecognition.runs.background import BackgroundWriter
 from deeprecognition.runs.distributed import data_parallel, unwrap
 from deeprecognition.runs.report import RunLog
-from deeprecognition.runs.resume import apply_hyperparameters, seed_rank_streams
+from deeprecognition.runs.resume import apply_hyperparameters, resume_latest, seed_rank_streams
 from deeprecognition.runs.session import Session
 from deeprecognition.shards.device_decode import images_on, require_cuda
 from deeprecognition.shards.loader import Batch, make_loader
@@ -154,7 +154,11 @@ def _train(config: dict[str, Any], writer: BackgroundWriter) -> None:
     require_cuda(cfg.data.decode, session.device)
     manifest = read_manifest(cfg.data.data)
     state = _build(cfg, session, manifest)
-    _resume(state, session)
+    resume_latest(
+        state,
+        session,
+        lambda: f"at epoch {state.epoch} after {state.progress.steps} of its steps ({state.step} steps in all)",
+    )
     seed_rank_streams(
         cfg.optim.seed, session.rank, state.step, session.device
     )  # each rank's own dropout masks (runs/resume.py)
@@ -181,18 +185,8 @@ def _build(cfg: ClassifierConfig, session: Session, manifest: Manifest) -> Class
     return ClassifierState(cfg, model, optimizer, attributes, manifest.image.size, majority_of(manifest, attributes))
 
 
-def _resume(state: ClassifierState, session: Session) -> None:
-    """Continue from this run's latest checkpoint, when there is one."""
-    saved = session.latest_state()
-    if saved is None:
-        return
-    changed = state.restore(saved)
-    if session.rank == 0:
-        print(
-            f"resuming at epoch {state.epoch} after {state.progress.steps} of its steps ({state.step} steps in all)"
-            + (f"; the config changes {', '.join(changed)}" if changed else ""),
-            flush=True,
-        )
+def _position(state: ClassifierState) -> str:
+    return f"at epoch {state.epoch} after {state.progress.steps} of its steps ({state.step} steps in all)"
 
 
 def _setup(state: ClassifierState, session: Session, manifest: Manifest, writer: BackgroundWriter) -> _Run:

@@ -68,9 +68,9 @@ def face_set(uri: str, split: str, samples: int, device: torch.device) -> FaceSe
     holds its grids and mosaics), else a GAN."""
     if storage.exists(storage.join(uri, MANIFEST)):
         return FaceSet(f"{split} split of {uri}", _dataset_batches(uri, split, samples))
-    if not storage.is_remote(uri) and os.path.isdir(uri) and _image_files(uri) and not _holds_checkpoints(uri):
-        files = _image_files(uri)[:samples]
-        return FaceSet(f"folder {uri}", _folder_batches(uri, files))
+    files = _image_files(uri) if not storage.is_remote(uri) and os.path.isdir(uri) else []
+    if files and not _holds_checkpoints(uri):
+        return FaceSet(f"folder {uri}", _folder_batches(uri, files[:samples]))
     from deeprecognition.gan.generate import TrainedGan
 
     gan = TrainedGan.load(uri, device=device)
@@ -124,9 +124,7 @@ def _folder_batches(folder: str, files: list[str]) -> Iterator[Tensor]:
 
 def _gan_batches(gan, samples: int) -> Iterator[Tensor]:
     """`samples` faces from the evaluation latents (a run's own FID draws the same ones)."""
-    from deeprecognition.gan.generate import draw_faces
+    from deeprecognition.gan.generate import face_batches
 
-    for start in range(0, samples, BATCH):
-        part = slice(start, min(start + BATCH, samples))
-        with torch.no_grad():
-            yield draw_faces(gan.generator, gan.config.model.latent, samples, EVAL_SEED, part=part)
+    with torch.no_grad():
+        yield from face_batches(gan.generator, gan.config.model.latent, samples, EVAL_SEED, batch_size=BATCH)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -85,10 +86,18 @@ def draw_faces(
 ) -> Tensor:
     """(n, 3, S, S) uint8 faces from seeded latents: the same seed gives the same faces. `part`: only
     those of the n (a rank's share), the same faces as in the whole set."""
+    faces = list(face_batches(generator, latent, n, seed, part, batch_size))
+    return torch.cat(faces) if faces else torch.zeros((0, 3, 0, 0), dtype=torch.uint8)
+
+
+def face_batches(
+    generator: nn.Module, latent: int, n: int, seed: int, part: slice = slice(None), batch_size: int = 250
+) -> Iterator[Tensor]:
+    """draw_faces' faces a batch at a time, for sets too large to hold (50k at 128 px is 2.4 GB)."""
     latents = torch.randn(n, latent, generator=torch.Generator().manual_seed(seed))[part]
     device = next(generator.parameters()).device
-    faces = [to_uint8(generator(z.to(device)).float()).cpu() for z in latents.split(batch_size)]
-    return torch.cat(faces) if faces else torch.zeros((0, 3, 0, 0), dtype=torch.uint8)
+    for z in latents.split(batch_size):
+        yield to_uint8(generator(z.to(device)).float()).cpu()
 
 
 @dataclass

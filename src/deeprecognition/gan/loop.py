@@ -5,7 +5,7 @@ sync once per phase: (1) D learns on real and generated faces, G runs without gr
 learns through D's plain module with D's parameters frozen, so no D gradient is computed or synced.
 Evaluation (FID/KID, attribute rates) runs on every rank together; mosaics are rank 0's.
 
-The loop: build the networks (`_build`), continue from the latest checkpoint (`_resume`), set up
+The loop: build the networks (`_build`), continue from the latest checkpoint (`resume_latest`), set up
 DDP, the data and the log (`_setup`), then per iteration one step (`_train_iteration`), what the
 schedule asks for at it (`due_at`, a `Due`) and that work (`_at_due`); at the end rank 0's report
 (`_finish`). What a checkpoint holds is a `GanState`.
@@ -42,7 +42,7 @@ from deeprecognition.runs.background import BackgroundWriter
 from deeprecognition.runs.catalog import with_ray_score
 from deeprecognition.runs.distributed import data_parallel, unwrap
 from deeprecognition.runs.report import RunLog
-from deeprecognition.runs.resume import apply_hyperparameters, seed_rank_streams, stream_seed
+from deeprecognition.runs.resume import apply_hyperparameters, resume_latest, seed_rank_streams, stream_seed
 from deeprecognition.runs.session import Session
 from deeprecognition.shards.manifest import read_manifest
 
@@ -273,7 +273,7 @@ def _train(config: dict[str, Any], writer: BackgroundWriter) -> None:
     cfg = from_dict(GanConfig, config).validate()
     session = Session.current(storage.join(cfg.storage, cfg.name), cfg.scale.gpu, cfg.scale.keep_checkpoints)
     state = _build(cfg, session, read_manifest(cfg.data.data).image.size)
-    _resume(state, session)
+    resume_latest(state, session, lambda: f"from iteration {state.iteration}")
     run = _setup(state, session, writer)
     metrics: dict[str, Any] = {}
     for iteration in range(state.iteration + 1, cfg.optim.iterations + 1):
@@ -290,20 +290,6 @@ def _build(cfg: GanConfig, session: Session, image_size: int) -> GanState:
     nets = make_nets(cfg, image_size, session.device)
     fixed = torch.randn(MOSAIC, cfg.model.latent, generator=torch.Generator().manual_seed(cfg.optim.seed))
     return GanState(cfg, nets, image_size, fixed)
-
-
-def _resume(state: GanState, session: Session) -> None:
-    """Continue from this run's latest checkpoint, when there is one."""
-    saved = session.latest_state()
-    if saved is None:
-        return
-    changed = state.restore(saved)
-    if session.rank == 0:
-        print(
-            f"resuming from iteration {state.iteration}"
-            + (f"; the config changes {', '.join(changed)}" if changed else ""),
-            flush=True,
-        )
 
 
 def _setup(state: GanState, session: Session, writer: BackgroundWriter) -> _Run:

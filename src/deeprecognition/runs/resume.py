@@ -12,11 +12,14 @@ Seeding costs ~20 us a step (measured on the 2-core VM): a hash and host-side se
 from __future__ import annotations
 
 import random
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from deeprecognition.runs.session import Session
 
 
 def stream_seed(seed: int, rank: int, step: int, stream: int = 0) -> int:
@@ -50,3 +53,22 @@ def apply_hyperparameters(optimizer: torch.optim.Optimizer, wanted: Mapping[str,
 
 def _shown(value: Any) -> str:
     return f"({', '.join(f'{v:g}' for v in value)})" if isinstance(value, tuple) else f"{value:g}"
+
+
+class Restorable(Protocol):
+    """A loop's checkpointed state: restores itself from a saved one, returning the
+    hyperparameters the config now changes."""
+
+    def restore(self, saved: dict[str, Any]) -> list[str]: ...
+
+
+def resume_latest(state: Restorable, session: Session, position: Callable[[], str]) -> None:
+    """Continue `state` from the run's latest checkpoint, when there is one; rank 0 says where
+    (`position`, read after the restore) and what the config changes."""
+    saved = session.latest_state()
+    if saved is None:
+        return
+    changed = state.restore(saved)
+    if session.rank == 0:
+        changes = f"; the config changes {', '.join(changed)}" if changed else ""
+        print(f"resuming {position()}{changes}", flush=True)
