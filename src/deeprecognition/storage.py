@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import mmap
 import os
+import random
 import tempfile
 import time
 from collections import Counter
@@ -142,7 +143,9 @@ def retrying(what: str, fn: Callable[[], T]) -> T:
             if attempt == MAX_ATTEMPTS or not _is_transient(err):
                 raise
             RETRIES[what] += 1
-            delay = BACKOFF_S * 2 ** (attempt - 1)
+            # Jittered: readers that fail together (pack tasks behind one cutting proxy or NAT) must not
+            # retry in lockstep, or the same one lands on the same bad slot every round.
+            delay = BACKOFF_S * 2 ** (attempt - 1) * random.uniform(0.5, 1.5)
             log.warning("storage: %s failed (%s: %s); retry %d in %.1fs", what, type(err).__name__, err, attempt, delay)
             time.sleep(delay)
     raise AssertionError("unreachable")
