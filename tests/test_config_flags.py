@@ -29,7 +29,7 @@ BASES = {"classifier": ClassifierConfig(), "gan": GAN_PRESETS["paper-gan"]()}
 # Values the configs' checks accept where the generic one (below) would not, and the flags a value
 # needs beside it; a new flag whose generic value the config refuses fails here until listed.
 VALUES = {"--task": "paper4", "--where": "Male=1", "--weights": "none", "--threshold": "0.25"}
-NEEDS = {"--gpu-type": ["--gpu"], "--eval-every": ["--classifier", "ckpt"]}
+NEEDS = {"--gpu-type": ["--gpu"], "--fid-features": ["--classifier", "ckpt"]}
 
 
 def flat(document: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -122,7 +122,7 @@ def test_every_config_field_says_what_it_is_for():
         (ClassifierConfig, "model.freeze=half", "model.freeze must be one of all, none, paper, got 'half'"),
         (ClassifierConfig, "model.name=vgg", "model.name must be one of cnn, resnet50, got 'vgg'"),
         (ClassifierConfig, "data.sampling=shuffle", "data.sampling must be one of epoch, resample, got 'shuffle'"),
-        (GanConfig, "model.arch=stylegan", "model.arch must be one of paper, dcgan, got 'stylegan'"),
+        (GanConfig, "model.arch=stylegan", "model.arch must be one of paper, dcgan, resnet, got 'stylegan'"),
         (GanConfig, "optim.optimizer=sgd", "optim.optimizer must be one of rmsprop, adam, got 'sgd'"),
     ],
 )

@@ -3,16 +3,20 @@ from any two sources score 0, different faces do not, and the JSON says what eac
 
 from __future__ import annotations
 
+import glob
 import json
+import os
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from deeprecognition.cli import main
 from deeprecognition.config import apply_overrides, modern_dcgan, to_dict
 from deeprecognition.errors import InputError
 from deeprecognition.gan.fid import fid_between
+from deeprecognition.gan.fid_stats import STATS_FOLDER
 from deeprecognition.gan.loop import train_loop_per_worker
 from deeprecognition.shards.loader import LoaderConfig, make_loader
 
@@ -55,3 +59,16 @@ def test_a_folder_of_mixed_sizes_is_refused_naming_the_file(faces64, tmp_path):
         Image.fromarray(np.zeros((side, side, 3), dtype=np.uint8)).save(tmp_path / name)
     with pytest.raises(InputError, match=r"b\.png.*32x32, the folder's first image 64x64"):
         fid_between(faces64, str(tmp_path), samples=N)
+
+
+def test_a_packed_splits_statistics_are_cached_beside_it_and_the_next_fid_reads_them(faces64, test_faces_folder):
+    first = fid_between(faces64, test_faces_folder, samples=N)
+    [path] = glob.glob(os.path.join(faces64, STATS_FOLDER, f"test-{N}-*.pt"))
+    saved = torch.load(path, weights_only=True)
+    torch.save({**saved, "mean": saved["mean"] + 1}, path)  # a mark only a read of the file can carry
+    try:
+        marked = fid_between(faces64, test_faces_folder, samples=N)
+    finally:
+        os.remove(path)
+    # |mu + 1 - mu'|^2 = |mu - mu'|^2 + 2 sum(mu - mu') + 2048, and the same faces make mu = mu'
+    assert abs(first["fid"]) < 1e-3 and marked["fid"] == pytest.approx(2048, abs=0.5)

@@ -19,6 +19,7 @@ from deeprecognition.cli import main
 from deeprecognition.config import apply_overrides, modern_dcgan, to_dict
 from deeprecognition.errors import InputError
 from deeprecognition.gan.data import judged_positive, reference_faces
+from deeprecognition.gan.inception import STANDARD
 from deeprecognition.gan.loop import train_loop_per_worker
 from deeprecognition.gan.metrics import INCEPTION_FILE, NOT_COMPARABLE, evaluate_gan, pick_extractor
 from deeprecognition.launch import run
@@ -59,16 +60,17 @@ def learnt(faces64, judge, tmp_path_factory) -> dict:
         "schedule.log_every=25",
         "eval.samples=200",
         f"eval.classifier={judge}",
+        "eval.features=classifier",  # the standard network takes ~0.08 s a face on CPU
     ]
     train_loop_per_worker(to_dict(gan_config(faces64, str(runs), 1, *common)))
-    first = evaluate_gan(str(runs / "g"), classifier=judge, samples=200)
+    first = evaluate_gan(str(runs / "g"), classifier=judge, features="classifier", samples=200)
     train_loop_per_worker(
         to_dict(gan_config(faces64, str(runs), 150, *common, "schedule.eval_every=75", "schedule.checkpoint_every=75"))
     )
     return {
         "run": str(runs / "g"),
         "first": first,
-        "last": evaluate_gan(str(runs / "g"), classifier=judge, samples=200, latest=True),
+        "last": evaluate_gan(str(runs / "g"), classifier=judge, features="classifier", samples=200, latest=True),
     }
 
 
@@ -111,7 +113,8 @@ def test_fid_against_the_data_falls_as_the_gan_learns(learnt, judge):
 
 
 def test_evaluate_gan_and_generate_from_the_command_line(learnt, judge, tmp_path, capsys):
-    assert main(["evaluate-gan", learnt["run"], "--latest", "--classifier", judge, "--samples", "60", "--json"]) == 0
+    command = ["evaluate-gan", learnt["run"], "--latest", "--classifier", judge, "--fid-features", "classifier"]
+    assert main([*command, "--samples", "60", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert {"fid", "kid", "feature_extractor", "attribute_rate", "data_attribute_rate", "samples"} <= set(result)
     assert result["samples"] == 60 and result["iteration"] == 150
@@ -123,8 +126,8 @@ def test_evaluate_gan_and_generate_from_the_command_line(learnt, judge, tmp_path
     assert grids["a"] == grids["b"] and grids["a"] != grids["c"]  # the seed decides the faces
     assert main(["generate", learnt["run"], "--n", "10", "--out", str(tmp_path / "ten.png")]) == 0
     assert Image.open(tmp_path / "ten.png").size == (4 * 64, 3 * 64)
-    assert main(["evaluate-gan", learnt["run"], "--samples", "60"]) == 2  # no features to compute FID with
-    assert "--inception-weights" in capsys.readouterr().err
+    assert main(["evaluate-gan", learnt["run"], "--fid-features", "classifier"]) == 2  # no classifier to take them from
+    assert "--classifier" in capsys.readouterr().err
 
 
 def _train_split(data: str) -> list:
@@ -184,22 +187,24 @@ class _RunsCode:
         return (os.system, ("echo owned",))
 
 
-def test_inception_weights_come_from_a_file_or_the_hub_cache_and_hostile_files_are_refused(tmp_path, monkeypatch):
-    hub = tmp_path / "torch-home" / "hub" / "checkpoints"
-    hub.mkdir(parents=True)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
-    with pytest.raises(ValueError, match="--inception-weights"):
-        pick_extractor("", None, torch.device("cpu"))
-    _random_inception_file(str(hub / INCEPTION_FILE))
-    extractor = pick_extractor("", None, torch.device("cpu"))  # found in the torch hub cache
-    assert "inception" in extractor.name and NOT_COMPARABLE not in extractor.name
+def test_fid_features_are_the_standard_network_by_default_a_file_or_a_classifier_and_hostile_files_are_refused(
+    tmp_path,
+):
+    cpu = torch.device("cpu")
+    assert "standard" in pick_extractor("inception", STANDARD, None, cpu).name
+    with pytest.raises(ValueError, match="--classifier"):
+        pick_extractor("classifier", STANDARD, None, cpu)
+    own = tmp_path / INCEPTION_FILE
+    _random_inception_file(str(own))
+    extractor = pick_extractor("inception", str(own), None, cpu)
+    assert str(own) in extractor.name and NOT_COMPARABLE not in extractor.name and extractor.source.endswith(str(own))
     assert extractor.features(torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)).shape == (2, 2048)
     hostile = tmp_path / "hostile.pth"
     hostile.write_bytes(pickle.dumps(_RunsCode()))
     with pytest.raises(InputError, match="refused: not a plain-data weights file"):
-        pick_extractor(str(hostile), None, torch.device("cpu"))
+        pick_extractor("inception", str(hostile), None, cpu)
     with pytest.raises(InputError, match="no such Inception weights file"):
-        pick_extractor(str(tmp_path / "absent.pth"), None, torch.device("cpu"))
+        pick_extractor("inception", str(tmp_path / "absent.pth"), None, cpu)
 
 
 def test_two_worker_gan_on_ray_evaluates_keeps_ranks_identical_and_writes_to_s3(faces64, judge, s3, tmp_path):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from deeprecognition.config import apply_overrides, modern_dcgan
-from deeprecognition.gan.loop import clip_gradients, gan_step, make_nets
 from deeprecognition.gan.models import d_loss, ema_decay_at, g_loss, to_tanh_range
+from deeprecognition.gan.step import clip_gradients, gan_step, make_nets
 
 
 def test_the_studys_gradient_clipping_is_keras_clipvalue():
@@ -59,7 +59,7 @@ def _recorded_step(loss: str, clip: float) -> dict:
     g_start = {k: v.clone() for k, v in nets.G.named_parameters()}
     ema_start = [p.clone() for p in nets.ema.parameters()]
     g_calls, d_calls = _Forwards(nets.G), _Forwards(nets.D)
-    losses = gan_step(cfg, nets, real, torch.Generator().manual_seed(1), iteration)
+    losses = gan_step(cfg, nets, [real], torch.Generator().manual_seed(1), iteration)
     [fake] = [c for c in g_calls.calls if not c["grad"]]  # D's phase: G draws without gradients
     [g_phase] = [c for c in g_calls.calls if c["grad"]]
     [d_phase] = [c for c in d_calls.calls if len(c["input"]) == 2 * batch]  # real and fake together
@@ -152,7 +152,7 @@ def test_a_few_gan_steps_on_a_fixed_batch_teach_d_to_tell_it_from_the_fakes():
         before = measure()
         noise = torch.Generator().manual_seed(1)
         for iteration in range(1, 11):
-            gan_step(cfg, nets, faces, noise, iteration)
+            gan_step(cfg, nets, [faces], noise, iteration)
         return before, measure()
 
     (loss_before, gap_before), (loss_after, gap_after) = after_ten_steps("0.0002")

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
 
 from deeprecognition.cli import main
 from deeprecognition.config import ClassifierConfig, apply_overrides, to_dict
+from deeprecognition.gan.fid_stats import STATS_FOLDER
 from deeprecognition.gan.metrics import evaluate_gan
 
 from .collectives import assert_same_collectives, run_ranks
@@ -32,6 +34,10 @@ def _gan_rank(rank: int, world_size: int, config: dict) -> None:
 
 
 def test_two_ranks_evaluate_the_gan_together_and_agree_with_evaluate_gan(faces64, judge, tmp_path, capsys):
+    """With the standard Inception network (the default) and the classifier's attribute rates; the
+    real set's statistics are computed by both ranks, cached beside the dataset, and evaluate-gan
+    gets the ranks' numbers both from that cache and from embedding the real faces itself."""
+    shutil.rmtree(os.path.join(faces64, STATS_FOLDER), ignore_errors=True)  # computed here, not by an earlier test
     cfg = gan_config(
         faces64,
         str(tmp_path),
@@ -46,6 +52,7 @@ def test_two_ranks_evaluate_the_gan_together_and_agree_with_evaluate_gan(faces64
     assert_same_collectives(records)
     # Both ranks embedded their share and KID's subsets were shared out (one all_reduce of 50 scores).
     assert all(any(c.op == "all_reduce" and c.tensors[0].layout == "float64[50]" for c in record) for record in records)
+    assert len(os.listdir(os.path.join(faces64, STATS_FOLDER))) == 1  # rank 0 saved the real set's statistics
     logged = {m["iteration"]: m for m in map(json.loads, open(tmp_path / "g" / "metrics.jsonl")) if "fid" in m}
     assert sorted(logged) == [3, 6]
     capsys.readouterr()
@@ -58,12 +65,19 @@ def test_two_ranks_evaluate_the_gan_together_and_agree_with_evaluate_gan(faces64
         else:
             assert main(["evaluate-gan", checkpoint, "--classifier", judge, "--samples", "40", "--json"]) == 0
             after = json.loads(capsys.readouterr().out)
-        assert after["real_samples"] == 40 and after["iteration"] == iteration
-        assert after["fid"] == pytest.approx(during["fid"], rel=1e-4, abs=1e-4)
-        assert after["kid"] == pytest.approx(during["kid"], rel=1e-4, abs=1e-6)
-        assert {f"rate/{k}": v for k, v in after["attribute_rate"].items()} == pytest.approx(
-            {k: v for k, v in during.items() if k.startswith("rate/")}
-        )
+        _assert_same_evaluation(after, during, iteration)
+    shutil.rmtree(os.path.join(faces64, STATS_FOLDER))  # now one process embeds the real faces too
+    _assert_same_evaluation(evaluate_gan(checkpoint, classifier=judge, samples=40), logged[6], 6)
+
+
+def _assert_same_evaluation(after: dict, during: dict, iteration: int) -> None:
+    assert after["real_samples"] == 40 and after["iteration"] == iteration
+    assert "standard" in after["feature_extractor"]
+    assert after["fid"] == pytest.approx(during["fid"], rel=1e-4, abs=1e-4)
+    assert after["kid"] == pytest.approx(during["kid"], rel=1e-4, abs=1e-6)
+    assert {f"rate/{k}": v for k, v in after["attribute_rate"].items()} == pytest.approx(
+        {k: v for k, v in during.items() if k.startswith("rate/")}
+    )
 
 
 def _classifier_rank(rank: int, world_size: int, config: dict) -> list[list[bool]]:

@@ -16,12 +16,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from ray.tune.schedulers import PopulationBasedTraining
 
 from deeprecognition import storage
 from deeprecognition.cli import main
 from deeprecognition.sweep.spec import load_spec
 from deeprecognition.sweep.trial import TrialPlan
-from deeprecognition.sweep.tuner import SweepOptions, _fresh, param_space, run_sweep
+from deeprecognition.sweep.tuner import SweepOptions, _fresh, _scheduler, _searcher, param_space, run_sweep
 
 from .conftest import BUCKET
 
@@ -31,12 +32,14 @@ GAN_EVAL = ("eval.classifier=s3://bucket/runs/cnn3-attractive",)
 
 
 @pytest.mark.parametrize("smoke", [False, True], ids=["full", "smoke"])
-@pytest.mark.parametrize("name", ["cnn_layers", "transfer", "gan"])
+@pytest.mark.parametrize("name", ["cnn_layers", "transfer", "gan", "gan_pbt"])
 def test_every_shipped_sweep_file_validates(name, smoke):
-    spec = load_spec(str(SWEEPS / f"{name}.yaml"), smoke=smoke, overrides=GAN_EVAL if name == "gan" else ())
+    spec = load_spec(str(SWEEPS / f"{name}.yaml"), smoke=smoke, overrides=GAN_EVAL if "gan" in name else ())
     assert set(param_space(spec)) == {f.short for f in spec.search}
     if smoke:  # a laptop: one CPU worker per trial, a handful of trials
-        assert spec.trial.workers == 1 and not spec.trial.gpu and spec.max_concurrent <= 2
+        # PBT's population trains side by side: its 4 trials at once, one CPU each.
+        population = spec.num_samples if spec.scheduler.name == "pbt" else 2
+        assert spec.trial.workers == 1 and not spec.trial.gpu and spec.max_concurrent <= min(population, 4)
     if name == "cnn_layers":  # the study's table: depths 1..4 on Attractive
         assert [(f.field, f.dist.kind, f.dist.values) for f in spec.search] == [("model.layers", "grid", (1, 2, 3, 4))]
         assert spec.base.attributes() == ("Attractive",) and spec.metric == "val/mean_accuracy"
@@ -47,6 +50,15 @@ def test_every_shipped_sweep_file_validates(name, smoke):
             "asha",
             "training_iteration",
         )
+    if name == "gan_pbt":  # PBT on FID, the learning rates perturbed every K iterations
+        assert (spec.metric, spec.mode, spec.scheduler.name, spec.scheduler.time_attr) == (
+            "fid",
+            "min",
+            "pbt",
+            "iteration",
+        )
+        assert {"optim.lr_g", "optim.lr_d"} <= set(spec.scheduler.mutate)
+        assert isinstance(_scheduler(spec), PopulationBasedTraining)
 
 
 GOOD = {
@@ -70,6 +82,9 @@ BAD = {
     "loader CPUs of a GPU trial": ({"trial": {"gpu": True}, "set": {"data.loader_workers": 9}}, r"needs 1 GPU, 10 CPU"),
     "misspelt GPU type": ({"trial": {"gpu": True}, "set": {"scale.gpu_type": "a100"}}, "did you mean A100"),
     "negative retries": ({"trial": {"max_failures": -1}}, "trial.max_failures must be 0"),
+    "unknown searcher": ({"searcher": "hyperopt"}, "searcher must be one of random, optuna, got 'hyperopt'"),
+    "optuna on a grid": ({"searcher": "optuna"}, "searcher optuna draws every value: search model.layers with choice"),
+    "pbt on a classifier": ({"scheduler": "pbt"}, "scheduler pbt needs a GAN preset"),
 }
 
 
@@ -83,6 +98,76 @@ def test_a_bad_sweep_file_fails_before_any_trial(case, packed, tmp_path, capsys)
     assert err.startswith("deeprec tune: error:") and len(err.strip().splitlines()) == 1
     assert re.search(message, err), err
     assert time.monotonic() - start < 5 and not (tmp_path / "sweeps").exists()
+
+
+PBT = {
+    "preset": "dcgan",
+    "set": {"schedule.eval_every": 10, "schedule.checkpoint_every": 10, "scale.keep_checkpoints": 3},
+    "search": {"optim.lr_g": {"loguniform": [1.0e-5, 1.0e-3]}, "model.latent": {"choice": [32, 64]}},
+    "metric": "fid",
+    "mode": "min",
+    "scheduler": {"name": "pbt", "time_attr": "iteration", "perturbation_interval": 20, "mutate": ["optim.lr_g"]},
+}
+PBT_SCHEDULER = PBT["scheduler"]
+BAD_PBT = {
+    "no mutable field": (
+        {"scheduler": {**PBT_SCHEDULER, "mutate": []}},
+        "scheduler.mutate: model.latent cannot change",
+    ),
+    "mutating an unsearched field": (
+        {"scheduler": {**PBT_SCHEDULER, "mutate": ["optim.beta2"]}},
+        "scheduler.mutate: optim.beta2 not searched",
+    ),
+    "a grid": ({"search": {"optim.lr_g": {"grid": [1.0e-4, 2.0e-4]}}}, "optim.lr_g: grid under scheduler pbt"),
+    "a score without its checkpoint": (
+        {"set": {"schedule.eval_every": 10, "schedule.checkpoint_every": 4, "scale.keep_checkpoints": 3}},
+        r"schedule.eval_every \(10\) must be a multiple of schedule.checkpoint_every \(4\)",
+    ),
+    "too few checkpoints kept": (
+        {"set": {"schedule.eval_every": 10, "schedule.checkpoint_every": 10}},
+        "scale.keep_checkpoints of at least 3",
+    ),
+    "quantile": (
+        {"scheduler": {**PBT_SCHEDULER, "quantile_fraction": 0.7}},
+        r"quantile_fraction must be in \(0, 0.5\]",
+    ),
+    "interval": ({"scheduler": {**PBT_SCHEDULER, "perturbation_interval": 0}}, "perturbation_interval must be above 0"),
+    "resampling": ({"scheduler": {**PBT_SCHEDULER, "resample_probability": 2}}, "resample_probability must be in"),
+    "mutations under asha": ({"scheduler": {"name": "asha", "mutate": ["optim.lr_g"]}}, "scheduler.mutate is pbt's"),
+    "optuna": ({"searcher": "optuna"}, "searcher optuna cannot drive scheduler pbt"),
+    "a clock the loop lacks": ({"scheduler": {**PBT_SCHEDULER, "time_attr": "epoch"}}, "time_attr must be"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_PBT))
+def test_a_pbt_sweep_file_that_cannot_work_is_refused_by_key(case, tmp_path):
+    change, message = BAD_PBT[case]
+    (tmp_path / "pbt.yaml").write_text(yaml.safe_dump({**PBT, **change}))
+    with pytest.raises(ValueError, match=message):
+        load_spec(str(tmp_path / "pbt.yaml"))
+
+
+def test_a_pbt_sweep_mutates_what_it_lists_and_passes_on_the_rest(tmp_path):
+    (tmp_path / "pbt.yaml").write_text(yaml.safe_dump(PBT))
+    spec = load_spec(str(tmp_path / "pbt.yaml"))
+    pbt = _scheduler(spec)
+    # latent is drawn once per trial and comes with the donor's checkpoint; lr_g is perturbed.
+    assert list(pbt._hyperparam_mutations) == ["lr_g"] and pbt._perturbation_interval == 20
+    assert spec.scheduler.mutate == ("optim.lr_g",)
+
+
+def test_an_optuna_sweep_file_builds_optuna_and_a_missing_package_is_named(tmp_path, monkeypatch):
+    spec = load_spec(str(SWEEPS / "gan.yaml"), overrides=GAN_EVAL)
+    assert spec.searcher == "optuna" and len(spec.search) == 7 and spec.scheduler.name == "asha"
+    searcher = _searcher(spec)
+    assert type(searcher.searcher).__name__ == "OptunaSearch" and searcher.max_concurrent == spec.max_concurrent
+    assert searcher.set_search_properties(spec.metric, spec.mode, param_space(spec))
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "optuna" else real(name, *a))
+    with pytest.raises(ValueError, match="searcher optuna needs the optuna package: pip install optuna"):
+        load_spec(str(SWEEPS / "gan.yaml"), overrides=GAN_EVAL)
 
 
 def test_a_trial_whose_driver_dies_runs_again_as_many_times_as_the_file_says(tmp_path):

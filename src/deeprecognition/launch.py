@@ -13,7 +13,7 @@ import torch
 
 from deeprecognition import storage
 from deeprecognition.classifier.loop import train_loop_per_worker
-from deeprecognition.config import ClassifierConfig, GanConfig, to_dict
+from deeprecognition.config import STANDARD_INCEPTION, ClassifierConfig, GanConfig, to_dict
 from deeprecognition.runs.catalog import ray_checkpoint_config
 from deeprecognition.runs.placement import (
     Placement,
@@ -56,7 +56,7 @@ def _check_gan_inputs(cfg: GanConfig) -> None:
         TrainedClassifier.load(cfg.data.where_classifier).attribute_index(cfg.data.classifier_attribute)
     if cfg.eval.classifier:
         TrainedClassifier.load(cfg.eval.classifier)
-    if cfg.eval.inception_weights:
+    if cfg.schedule.eval_every and cfg.eval.features == "inception":  # converts the standard weights once, here
         inception_extractor(cfg.eval.inception_weights, torch.device("cpu"))
 
 
@@ -71,7 +71,11 @@ def absolute_paths(cfg: T) -> T:
     if isinstance(cfg, GanConfig):
         data = dataclasses.replace(data, where_classifier=_absolute(cfg.data.where_classifier))
         evaluation = dataclasses.replace(
-            cfg.eval, classifier=_absolute(cfg.eval.classifier), inception_weights=_absolute(cfg.eval.inception_weights)
+            cfg.eval,
+            classifier=_absolute(cfg.eval.classifier),
+            inception_weights=cfg.eval.inception_weights
+            if cfg.eval.inception_weights == STANDARD_INCEPTION
+            else _absolute(cfg.eval.inception_weights),
         )
         return dataclasses.replace(cfg, data=data, eval=evaluation, storage=ray_storage_path(cfg.storage))
     return dataclasses.replace(cfg, data=data, storage=ray_storage_path(cfg.storage))

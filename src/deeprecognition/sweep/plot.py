@@ -1,5 +1,7 @@
 """The sweep's plot: its metric against each searched field, one panel per field (validation
-accuracy vs. layers for cnn_layers; FID vs. each learning rate, latent size, ... for the GAN)."""
+accuracy vs. layers for cnn_layers; FID vs. each learning rate, latent size, ... for the GAN); for a
+pbt sweep its schedule instead: each mutated field over the iterations, a line per trial, a marker
+at each exploit."""
 
 from __future__ import annotations
 
@@ -7,8 +9,8 @@ import io
 import math
 from collections import defaultdict
 
-from deeprecognition.sweep.results import FLOORS, SweepResult
-from deeprecognition.sweep.spec import SearchField
+from deeprecognition.sweep.results import FLOORS, SweepResult, TrialRow
+from deeprecognition.sweep.spec import SearchField, SweepSpec
 
 
 def _panel(ax, result: SweepResult, field: SearchField) -> None:
@@ -50,22 +52,56 @@ def _panel(ax, result: SweepResult, field: SearchField) -> None:
     ax.grid(alpha=0.3)
 
 
-def sweep_png(result: SweepResult, search: tuple[SearchField, ...]) -> bytes:
+def _steps(trial: TrialRow, short: str) -> tuple[list[float], list]:
+    """The trial's value of `short` as a step line, from iteration 0 to the last it reported."""
+    xs, ys = [], []
+    for entry in trial.schedule:
+        if ys:  # hold the value up to the change
+            xs.append(entry["iteration"])
+            ys.append(ys[-1])
+        xs.append(entry["iteration"])
+        ys.append(entry["config"][short])
+    xs.append(max(trial.metrics.get("iteration", 0), xs[-1]))
+    ys.append(ys[-1])
+    return xs, ys
+
+
+def _schedule_panel(ax, result: SweepResult, field: SearchField) -> None:
+    for i, trial in enumerate(result.trials):
+        if not trial.schedule:
+            continue
+        xs, ys = _steps(trial, field.short)
+        ax.plot(xs, ys, color=f"C{i % 10}", label=trial.trial_id)
+        changes = [(e["iteration"], e["config"][field.short]) for e in trial.exploits]
+        if changes:
+            ax.scatter(*zip(*changes), color=f"C{i % 10}", marker="o", zorder=3)
+    if field.dist.kind == "loguniform":
+        ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel(field.short)
+    ax.set_title(f"{field.short} (o: an exploit)", fontsize=9)
+    ax.grid(alpha=0.3)
+
+
+def sweep_png(result: SweepResult, spec: SweepSpec) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    cols = min(3, len(search))
-    rows = math.ceil(len(search) / cols)
+    pbt = spec.scheduler.name == "pbt"
+    panels = [f for f in spec.search if f.field in spec.scheduler.mutate] if pbt else list(spec.search)
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.8 * rows), squeeze=False)
-    for ax, field in zip(axes.flat, search):
-        _panel(ax, result, field)
-    for ax in list(axes.flat)[len(search) :]:
+    for ax, field in zip(axes.flat, panels):
+        (_schedule_panel if pbt else _panel)(ax, result, field)
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     if axes[0][0].get_legend_handles_labels()[0]:
         axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{result.name}: {result.metric} ({result.mode}) by searched value")
+    what = "the PBT schedule: searched values over iterations" if pbt else "by searched value"
+    fig.suptitle(f"{result.name}: {result.metric} ({result.mode}), {what}")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)

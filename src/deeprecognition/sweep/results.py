@@ -7,13 +7,14 @@ import csv
 import io
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ray.tune import Callback
 
 from deeprecognition import storage
 from deeprecognition.config import GanConfig
+from deeprecognition.sweep.pbt import Exploit, lineage, own_schedule, read_exploits
 from deeprecognition.sweep.trial import TrialPlan, trial_config
 
 if TYPE_CHECKING:
@@ -52,6 +53,10 @@ class TrialRow:
     checkpoint: str | None  # the run's latest checkpoint at that report
     status: str  # finished | stopped (early, by the scheduler) | error | unfinished (resume the sweep)
     progress: str  # how far it trained: "2/4 epochs", "1500/2000 iterations"
+    # PBT's exploits of the trial, in order: {iteration, from_trial, config, checkpoint, run} (sweep/pbt.py).
+    exploits: list[dict[str, Any]] = field(default_factory=list)
+    # Its searched values over its iterations, [{iteration, config}]: its first, then each exploit's.
+    schedule: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,17 @@ class SweepResult:
     def incomplete(self) -> list[TrialRow]:
         return [t for t in self.trials if t.status in ("error", "unfinished")]
 
+    @property
+    def best_schedule(self) -> list[dict[str, Any]]:
+        """The schedule that trained the best trial's model from iteration 0, [{iteration, config}]:
+        after an exploit its donor's schedule up to the exploit, then its own. Empty without a best."""
+        best = self.best
+        if best is None:
+            return []
+        histories = {t.trial_id: [Exploit(**e) for e in t.exploits] for t in self.trials}
+        initial = {t.trial_id: t.schedule[0]["config"] for t in self.trials}
+        return lineage(best.trial_id, len(best.exploits), histories, initial)
+
     def to_json(self) -> dict[str, Any]:
         best = self.best
         return {
@@ -80,6 +96,7 @@ class SweepResult:
             "mode": self.mode,
             "trials": [asdict(t) for t in self.trials],
             "best": asdict(best) if best else None,
+            "best_schedule": self.best_schedule,
         }
 
 
@@ -87,15 +104,25 @@ def trial_row(plan: TrialPlan, trial: Trial, state: str) -> TrialRow:
     """A Tune trial's row. `state`: ended (finished, or stopped early by the scheduler: told apart by
     how far it trained), error, or unfinished (interrupted or never started: --resume runs it)."""
     result = trial.last_result
-    cfg = trial_config(plan, trial.config, trial.trial_id)
+    cfg = trial_config(plan, trial.config, trial.trial_id)  # for its length: optim.iterations, optim.epochs
     if isinstance(cfg, GanConfig):
         ran, target, unit = result.get("iteration", 0), cfg.optim.iterations, "iterations"
     else:
         ran, target, unit = result.get("epoch", -1) + 1, cfg.optim.epochs, "epochs"
     status = state if state != "ended" else "finished" if ran >= target else "stopped"
     metrics = {k: v for k, v in result.items() if k not in _TUNE_KEYS}
+    exploits = read_exploits(plan.runs, trial.trial_id)
+    # Tune keeps the values a trial was drawn with apart from those PBT gave it later.
+    initial = {k: trial.evaluated_params.get(k, v) for k, v in trial.config.items()}
     return TrialRow(
-        trial.trial_id, dict(trial.config), metrics, result.get("checkpoint_path"), status, f"{ran}/{target} {unit}"
+        trial.trial_id,
+        dict(trial.config),
+        metrics,
+        result.get("checkpoint_path"),
+        status,
+        f"{ran}/{target} {unit}",
+        [asdict(e) for e in exploits],
+        own_schedule(initial, exploits),
     )
 
 

@@ -7,6 +7,8 @@ refuses, short names that collide, metrics the loop never reports, resources no 
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -23,6 +25,7 @@ from deeprecognition.config import (
     from_dict,
     to_dict,
 )
+from deeprecognition.sweep import pbt
 
 KEYS = (
     "preset",
@@ -31,16 +34,20 @@ KEYS = (
     "metric",
     "mode",
     "scheduler",
+    "searcher",
     "num_samples",
     "trial",
     "max_concurrent",
     "seed",
     "smoke",
 )
-SMOKE_KEYS = ("set", "search", "scheduler", "num_samples", "trial", "max_concurrent")
+SMOKE_KEYS = ("set", "search", "scheduler", "searcher", "num_samples", "trial", "max_concurrent")
 DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform")
-# Fields the sweep sets itself (from --data/--storage, the trial id and `trial:`), never the file.
-RESERVED = ("storage", "name", "data.data", "scale.num_workers", "scale.gpu")
+# Fields the sweep sets itself (from --data/--storage, the trial id, `trial:` and PBT), never the file.
+RESERVED = ("storage", "name", "resume_from", "data.data", "scale.num_workers", "scale.gpu")
+# How trials' values are drawn: random (Tune's variant generator: grids crossed, the rest drawn) or
+# optuna (Tune's OptunaSearch: each trial's values from what the earlier trials scored).
+SEARCHERS = ("random", "optuna")
 # What each loop reports to Ray Train, hence what a sweep can rank and stop trials by.
 METRICS = {
     "classifier": ("val/mean_accuracy", "val/exact_match", "train/loss", "train/mean_accuracy"),
@@ -71,11 +78,19 @@ class SearchField:
 
 @dataclass(kw_only=True, frozen=True)
 class SchedulerSpec:
-    name: str = "fifo"  # fifo (every trial to the end) | asha (stops weak trials early)
-    time_attr: str = "training_iteration"  # asha: one per report that carries the metric (an epoch, an FID evaluation)
+    name: str = "fifo"  # fifo (every trial to the end) | asha (stops weak trials early) | pbt (sweep/pbt.py)
+    # One per report that carries the metric (an epoch, an FID evaluation), the seconds trained, or the GAN's iteration.
+    time_attr: str = "training_iteration"
     max_t: int = 100  # asha: no trial runs longer than this
     grace_period: int = 1  # asha: no trial is stopped before this
     reduction_factor: float = 2.0  # asha: each rung keeps the best 1/reduction_factor
+    perturbation_interval: float = 2.0  # pbt: time_attr units between two perturbations of a trial
+    quantile_fraction: float = 0.25  # pbt: the worst fraction takes a checkpoint of the best fraction
+    resample_probability: float = 0.25  # pbt: a mutated value is drawn afresh, else x0.8/x1.2 (a choice: a neighbour)
+    mutate: tuple[str, ...] = ()  # pbt: the searched fields it changes mid-run; the parser fills in every one
+    # pbt: every trial waits at each perturbation for the others, then the worst quantile_fraction
+    # exploit: as many exploits each time, at the price of every trial pausing (a new Train fit each).
+    synch: bool = False
 
 
 @dataclass(kw_only=True, frozen=True)
@@ -98,6 +113,7 @@ class SweepSpec:
     trial: TrialResources
     max_concurrent: int
     seed: int  # of the random draws of choice, uniform and loguniform
+    searcher: str = "random"  # random | optuna
 
     @property
     def kind(self) -> str:
@@ -237,20 +253,49 @@ def _metric(base: Any, metric: Any, mode: Any) -> None:
         raise ValueError(f"mode must be max or min, got {mode!r}")
 
 
-def _scheduler(raw: Any) -> SchedulerSpec:
+def _scheduler(raw: Any, kind: str) -> SchedulerSpec:
     if not isinstance(raw, (str, dict)):
-        raise ValueError(f"scheduler must be fifo, asha, or a mapping with name: asha and its settings, got {raw!r}")
-    sched = from_dict(SchedulerSpec, {"name": raw} if isinstance(raw, str) else raw, prefix="scheduler.")
-    if sched.name not in ("fifo", "asha"):
-        raise ValueError(f"scheduler.name must be fifo or asha, got {sched.name!r}")
-    if sched.time_attr not in ("training_iteration", "time_total_s"):
-        raise ValueError(f"scheduler.time_attr must be training_iteration or time_total_s, got {sched.time_attr!r}")
+        raise ValueError(f"scheduler must be fifo, asha, pbt, or a mapping with name: and its settings, got {raw!r}")
+    fields = dict({"name": raw} if isinstance(raw, str) else raw)
+    mutate = fields.pop("mutate", [])  # a list: from_dict takes scalars only
+    if not (isinstance(mutate, list) and all(isinstance(m, str) for m in mutate)):
+        raise ValueError(f"scheduler.mutate must be a list of searched fields, e.g. [optim.lr_g], got {mutate!r}")
+    sched = from_dict(SchedulerSpec, fields, prefix="scheduler.")
+    if sched.name not in ("fifo", "asha", "pbt"):
+        raise ValueError(f"scheduler.name must be fifo, asha or pbt, got {sched.name!r}")
+    clocks = ("training_iteration", "time_total_s", *(("iteration",) if kind == "gan" else ()))
+    if sched.time_attr not in clocks:
+        raise ValueError(f"scheduler.time_attr must be {' or '.join(clocks)}, got {sched.time_attr!r}")
     if not 1 <= sched.grace_period <= sched.max_t or sched.reduction_factor <= 1:
         raise ValueError(
             f"scheduler needs 1 <= grace_period <= max_t and reduction_factor > 1, got {sched.grace_period}, "
             f"{sched.max_t}, {sched.reduction_factor}"
         )
-    return sched
+    if mutate and sched.name != "pbt":
+        raise ValueError("scheduler.mutate is pbt's: the fields it changes mid-run")
+    return dataclasses.replace(sched, mutate=tuple(mutate))
+
+
+def _pbt(sched: SchedulerSpec, base: Any, search: tuple[SearchField, ...], metric: str) -> SchedulerSpec:
+    """The pbt scheduler with `mutate` filled in, once all it needs holds (sweep/pbt.py)."""
+    pbt.check_checkpoints(base, metric)
+    pbt.check_settings(sched.perturbation_interval, sched.quantile_fraction, sched.resample_probability)
+    mutate = pbt.checked_mutate(sched.mutate, {f.field: f.dist.kind for f in search})
+    return dataclasses.replace(sched, mutate=mutate)
+
+
+def _searcher(raw: Any, search: tuple[SearchField, ...], scheduler: SchedulerSpec) -> str:
+    if raw not in SEARCHERS:
+        raise ValueError(f"searcher must be one of {', '.join(SEARCHERS)}, got {raw!r}")
+    if raw == "optuna":
+        if importlib.util.find_spec("optuna") is None:
+            raise ValueError("searcher optuna needs the optuna package: pip install optuna")
+        grids = [f.field for f in search if f.dist.kind == "grid"]
+        if grids:
+            raise ValueError(f"searcher optuna draws every value: search {', '.join(grids)} with choice, not grid")
+        if scheduler.name == "pbt":
+            raise ValueError("searcher optuna cannot drive scheduler pbt: PBT changes the trials' values itself")
+    return raw
 
 
 def _whole(value: Any, key: str, minimum: int = 1) -> int:
@@ -279,6 +324,9 @@ def _parse(path: str, raw: dict, overrides: tuple[str, ...], num_samples: int | 
     if clash:
         raise ValueError(f"{', '.join(clash)} both set and searched: keep one")
     _metric(base, raw.get("metric"), raw.get("mode"))
+    scheduler = _scheduler(raw.get("scheduler", "fifo"), kind_of(base))
+    if scheduler.name == "pbt":
+        scheduler = _pbt(scheduler, base, search, raw["metric"])
     return SweepSpec(
         file=path,
         preset=raw["preset"],
@@ -286,9 +334,10 @@ def _parse(path: str, raw: dict, overrides: tuple[str, ...], num_samples: int | 
         search=search,
         metric=raw["metric"],
         mode=raw["mode"],
-        scheduler=_scheduler(raw.get("scheduler", "fifo")),
+        scheduler=scheduler,
         num_samples=_whole(raw.get("num_samples", 1) if num_samples is None else num_samples, "num_samples"),
         trial=trial,
         max_concurrent=_whole(raw.get("max_concurrent", 1), "max_concurrent"),
         seed=_whole(raw.get("seed", 0), "seed", minimum=0),
+        searcher=_searcher(raw.get("searcher", "random"), search, scheduler),
     )

@@ -3,8 +3,10 @@
 Everything is checked before the first trial starts (the file, the dataset, what one trial needs
 against what the cluster can hold). The sweep lives at STORAGE/NAME (local or s3://): Tune's state,
 `sweep.json` (the resolved sweep), `trials/<trial id>/` (each trial's Train run: checkpoints,
-metrics.jsonl, report), `trials.jsonl` (trials as they end), and at the end `results.csv` and
-`results.png`. `--resume` continues an interrupted sweep from there; ended trials are not re-run.
+metrics.jsonl, report; under pbt also its exploits.jsonl, and `trials/<trial id>-g<N>/`, the run
+it trains in after its Nth exploit), `trials.jsonl` (trials as they end), and at the end
+`results.csv`, `results.png` and, for pbt, `best_schedule.json` (what `--replay` trains again:
+sweep/replay.py). `--resume` continues an interrupted sweep from there; ended trials are not re-run.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from deeprecognition.sweep.spec import SweepSpec, load_spec
 from deeprecognition.sweep.trial import TrialPlan, run_trial
 
 RECORD = "sweep.json"
+BEST_SCHEDULE = "best_schedule.json"  # a pbt sweep's best trial's schedule, [{iteration, config}]
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,7 @@ class SweepOptions:
     name: str | None = None  # default: the file's name, with -smoke under --smoke
     num_samples: int | None = None  # instead of the file's
     resume: bool = False
+    replay: bool = False  # train the pbt sweep's best schedule again (sweep/replay.py) instead
     smoke: bool = False  # the file's smoke: section (few steps, small batches, one CPU worker)
     overrides: tuple[str, ...] = ()  # FIELD=VALUE on top of the file's set:
 
@@ -71,12 +75,35 @@ def param_space(spec: SweepSpec) -> dict[str, Any]:
     return {f.short: make[f.dist.kind](list(f.dist.values)) for f in spec.search}
 
 
+def population_based_training(spec: SweepSpec, domains: dict[str, Any]):
+    """Ray's PBT over `domains` (param_space: the searched fields by short name) for the `mutate` ones."""
+    from ray.tune.schedulers import PopulationBasedTraining
+
+    s = spec.scheduler
+    short = {f.field: f.short for f in spec.search}
+    mutations = {}
+    for field in s.mutate:
+        domain = domains[short[field]]
+        # A choice mutates to a neighbour in its list (or is redrawn): PBT wants the list itself.
+        mutations[short[field]] = list(domain.categories) if hasattr(domain, "categories") else domain
+    return PopulationBasedTraining(
+        time_attr=s.time_attr,
+        perturbation_interval=s.perturbation_interval,
+        quantile_fraction=s.quantile_fraction,
+        resample_probability=s.resample_probability,
+        hyperparam_mutations=mutations,
+        synch=s.synch,
+    )
+
+
 def _scheduler(spec: SweepSpec):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     s = spec.scheduler
     if s.name == "fifo":
         return FIFOScheduler()
+    if s.name == "pbt":
+        return population_based_training(spec, param_space(spec))
     return ASHAScheduler(
         time_attr=s.time_attr, max_t=s.max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor
     )
@@ -89,9 +116,20 @@ def _record(spec: SweepSpec) -> dict[str, Any]:
     return json.loads(json.dumps(record))
 
 
-def _fresh(spec: SweepSpec, root: str, name: str, trainable, plan: TrialPlan) -> tune.Tuner:
+def _searcher(spec: SweepSpec):
+    """Tune's variant generator (grids crossed, the rest drawn from `seed`), or OptunaSearch (TPE,
+    seeded) held to max_concurrent trials at once."""
+    if spec.searcher == "optuna":
+        from ray.tune.search import ConcurrencyLimiter
+        from ray.tune.search.optuna import OptunaSearch
+
+        return ConcurrencyLimiter(OptunaSearch(seed=spec.seed), max_concurrent=spec.max_concurrent)
     from ray.tune.search.basic_variant import BasicVariantGenerator
 
+    return BasicVariantGenerator(max_concurrent=spec.max_concurrent, random_state=spec.seed)
+
+
+def _fresh(spec: SweepSpec, root: str, name: str, trainable, plan: TrialPlan) -> tune.Tuner:
     path = storage.join(root, name)
     if tune.Tuner.can_restore(path):
         raise ValueError(f"a sweep already exists at {path}: add --resume to continue it, or --name for a new one")
@@ -104,7 +142,7 @@ def _fresh(spec: SweepSpec, root: str, name: str, trainable, plan: TrialPlan) ->
             mode=spec.mode,
             scheduler=_scheduler(spec),
             num_samples=spec.num_samples,
-            search_alg=BasicVariantGenerator(max_concurrent=spec.max_concurrent, random_state=spec.seed),
+            search_alg=_searcher(spec),
         ),
         # A trial whose driver dies (its node lost, no room for its workers within
         # scale.start_timeout_s) runs again, resuming its own Train run from its checkpoint.
@@ -133,9 +171,19 @@ def _resumed(spec: SweepSpec, path: str, trainable) -> tune.Tuner:
     return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
 
 
-def run_sweep(options: SweepOptions) -> SweepResult:
-    """Check everything, run (or resume) the sweep to its end or an interruption, write results.csv
-    and results.png beside it, and return its trials, best first."""
+@dataclass(frozen=True)
+class Prepared:
+    """A checked sweep on a connected cluster: its spec (with --data), name, folder and trials' plan."""
+
+    spec: SweepSpec
+    root: str  # --storage, as Ray wants it
+    name: str
+    path: str  # root/name
+    plan: TrialPlan
+
+
+def prepare(options: SweepOptions) -> Prepared:
+    """Check the file, the dataset and what one trial needs against the cluster (started or joined)."""
     spec = load_spec(options.file, smoke=options.smoke, overrides=options.overrides, num_samples=options.num_samples)
     base = absolute_paths(apply_overrides(spec.base, [f"data.data={options.data}"]))
     spec = dataclasses.replace(spec, base=base)
@@ -152,13 +200,23 @@ def run_sweep(options: SweepOptions) -> SweepResult:
         metric=spec.metric,
         runs=storage.join(path, "trials"),
     )
+    return Prepared(spec, root, name, path, plan)
+
+
+def run_sweep(options: SweepOptions) -> SweepResult:
+    """Check everything, run (or resume) the sweep to its end or an interruption, write results.csv
+    and results.png beside it (and a pbt sweep's best_schedule.json), and return its trials, best first."""
+    prepared = prepare(options)
+    spec, name, path, plan = prepared.spec, prepared.name, prepared.path, prepared.plan
     # The trial's driver only waits on its Train run: it holds no CPU (Tune's default is one), so a
     # trial takes what its workers take and max_concurrent alone decides how many run. Tune wants a
     # non-empty request: one byte of memory.
     trainable = tune.with_resources(tune.with_parameters(run_trial, plan=plan), {"cpu": 0, "memory": 1})
-    tuner = _resumed(spec, path, trainable) if options.resume else _fresh(spec, root, name, trainable, plan)
+    tuner = _resumed(spec, path, trainable) if options.resume else _fresh(spec, prepared.root, name, trainable, plan)
     tuner.fit()  # returns early, state saved, on Ctrl+C (SIGINT) or SIGUSR1: --resume continues
     result = SweepResult(name, path, spec.metric, spec.mode, ranked(trial_rows(plan, path), spec.metric, spec.mode))
     storage.write_bytes_atomic(storage.join(path, "results.csv"), csv_bytes(result))
-    storage.write_bytes_atomic(storage.join(path, "results.png"), sweep_png(result, spec.search))
+    storage.write_bytes_atomic(storage.join(path, "results.png"), sweep_png(result, spec))
+    if spec.scheduler.name == "pbt":  # what `--replay` trains
+        storage.write_bytes_atomic(storage.join(path, BEST_SCHEDULE), json.dumps(result.best_schedule).encode())
     return result
