@@ -86,7 +86,7 @@ def test_a_checkpoint_whose_state_would_run_code_is_refused_by_every_reader(pack
         ({"search": {"model.layers": {"grid": [1, "deep"]}}}, "model.layers must be int"),
         ({"preset": ["paper-cnn"]}, "preset must be one of"),
         ({"metric": {"name": "val/mean_accuracy"}}, "metric must be one"),
-        ({"scheduler": 3}, "scheduler must be fifo, asha, or a mapping"),
+        ({"scheduler": 3}, "scheduler must be fifo, asha, pbt, or a mapping"),
         ({"search": ["model.layers"]}, "search must map"),
     ],
 )
