@@ -28,8 +28,19 @@ from .test_cli import config_flags, run_cli
 BASES = {"classifier": ClassifierConfig(), "gan": GAN_PRESETS["paper-gan"]()}
 # Values the configs' checks accept where the generic one (below) would not, and the flags a value
 # needs beside it; a new flag whose generic value the config refuses fails here until listed.
-VALUES = {"--task": "paper4", "--where": "Male=1", "--weights": "none", "--threshold": "0.25"}
-NEEDS = {"--gpu-type": ["--gpu"], "--fid-features": ["--classifier", "ckpt"]}
+VALUES = {
+    "--task": "paper4",
+    "--where": "Male=1",
+    "--weights": "none",
+    "--threshold": "0.25",
+    "--condition-attributes": "stgan13",
+    "--eval-control": "Male",
+}
+NEEDS = {
+    "--gpu-type": ["--gpu"],
+    "--fid-features": ["--classifier", "ckpt"],
+    "--eval-control": ["--conditional", "--classifier", "ckpt"],
+}
 
 
 def flat(document: dict[str, Any], prefix: str = "") -> dict[str, Any]:

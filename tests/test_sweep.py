@@ -32,7 +32,7 @@ GAN_EVAL = ("eval.classifier=s3://bucket/runs/cnn3-attractive",)
 
 
 @pytest.mark.parametrize("smoke", [False, True], ids=["full", "smoke"])
-@pytest.mark.parametrize("name", ["cnn_layers", "transfer", "gan", "gan_pbt"])
+@pytest.mark.parametrize("name", ["cnn_layers", "transfer", "gan", "gan_pbt", "gan_conditional"])
 def test_every_shipped_sweep_file_validates(name, smoke):
     spec = load_spec(str(SWEEPS / f"{name}.yaml"), smoke=smoke, overrides=GAN_EVAL if "gan" in name else ())
     assert set(param_space(spec)) == {f.short for f in spec.search}
@@ -59,6 +59,10 @@ def test_every_shipped_sweep_file_validates(name, smoke):
         )
         assert {"optim.lr_g", "optim.lr_d"} <= set(spec.scheduler.mutate)
         assert isinstance(_scheduler(spec), PopulationBasedTraining)
+    if name == "gan_conditional":  # ranked on FID and control together, the heads compared
+        assert (spec.metric, spec.mode) == ("score/conditional", "min") and spec.base.model.conditional
+        assert spec.base.eval.control and spec.base.eval.control_weight == 100
+        assert "model.condition_head" in {f.field for f in spec.search}
 
 
 GOOD = {

@@ -140,6 +140,10 @@ def _add_evaluation_commands(sub: Any) -> None:
     p.add_argument("--out", required=True, help="PNG to write (local or s3://)")
     p.add_argument("--seed", type=int, default=0, help="latent seed: the same seed gives the same faces")
     p.add_argument("--no-ema", action="store_true", help="draw with G instead of its EMA copy (dcgan's painter)")
+    text = "a conditional model: fix these attributes, the rest drawn from the data given them"
+    p.add_argument("--attrs", default="", metavar="A=1,B=0", help=text)
+    text = "a conditional model: --n rows of one face each, as drawn and with each of these attributes flipped"
+    p.add_argument("--edit", default="", metavar="A,B", help=text)
 
     about = "FID/KID of a GAN checkpoint and the attribute rates of its faces"
     p = _command(sub, "evaluate-gan", commands.evaluate_gan, about, json=JSON)
@@ -156,6 +160,10 @@ def _add_evaluation_commands(sub: Any) -> None:
         "--seed", type=int, help="latent seed [default: the one the run evaluated with: its logged FID again]"
     )
     p.add_argument("--no-ema", action="store_true", help="evaluate G instead of its EMA copy")
+    text = "a conditional model: each attribute asked for at 1 and at 0, judged by --classifier"
+    p.add_argument("--control", default="", metavar="A,B", help=text)
+    text = "a conditional model: the judge's rates of every attribute with this one at 1 vs 0, all else fixed"
+    p.add_argument("--contrast", default="", metavar="ATTR", help=text)
     _add_fid(sub)
 
 

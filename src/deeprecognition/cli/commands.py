@@ -133,8 +133,12 @@ def generate(args: argparse.Namespace) -> int:
     from deeprecognition.gan.generate import generate_grid
 
     ema = False if args.no_ema else None
-    gan = generate_grid(args.checkpoint, args.out, n=args.n, seed=args.seed, ema=ema, latest=args.latest)
-    print(f"{args.n} faces from {gan.checkpoint} (iteration {gan.iteration}) written to {args.out}")
+    gan = generate_grid(
+        args.checkpoint, args.out, args.n, args.seed, ema, args.latest, attrs=args.attrs, edit=args.edit
+    )
+    what = f"{args.n} rows of edits ({args.edit})" if args.edit else f"{args.n} faces"
+    asked = f" with {args.attrs}" if args.attrs else ""
+    print(f"{what}{asked} from {gan.checkpoint} (iteration {gan.iteration}) written to {args.out}")
     return 0
 
 
@@ -166,10 +170,17 @@ def evaluate_gan(args: argparse.Namespace) -> int:
         seed=EVAL_SEED if args.seed is None else args.seed,
         ema=False if args.no_ema else None,
         latest=args.latest,
+        control=args.control,
+        contrast=args.contrast,
     )
     if args.json:
         print_json(args, result)
         return 0
+    _print_evaluation(result)
+    return 0
+
+
+def _print_evaluation(result: dict) -> None:
     where = result["where"] or "all"
     print(
         f"{result['checkpoint']} (iteration {result['iteration']}): {result['samples']} generated vs "
@@ -181,7 +192,21 @@ def evaluate_gan(args: argparse.Namespace) -> int:
         print(f"{'attribute':<22}{'generated':>10}{'real':>8}")
         for name, rate in result["attribute_rate"].items():
             print(f"{name:<22}{rate:>10.3f}{result['data_attribute_rate'][name]:>8.3f}")
-    return 0
+    if "control" in result:
+        print(f"control (the judge's accuracy and balanced accuracy on real {result['judge_split']} faces beside):")
+        print(f"{'attribute':<22}{'rate at 1':>10}{'rate at 0':>10}{'control':>9}{'edits':>7}{'judge':>7}{'bal.':>7}")
+        for name, c in result["control"].items():
+            print(
+                f"{name:<22}{c['rate_when_1']:>10.3f}{c['rate_when_0']:>10.3f}{c['accuracy']:>9.3f}"
+                f"{c['edit_accuracy']:>7.3f}{c['judge_accuracy']:>7.3f}{c['judge_balanced_accuracy']:>7.3f}"
+            )
+        print(f"mean control accuracy {result['control_mean_accuracy']:.3f}, edits {result['edit_mean_accuracy']:.3f}")
+    for asked, rows in result.get("contrast", {}).items():
+        print(f"asking {asked}=1 instead of 0, all else fixed: judged rates (the data's beside)")
+        for name, r in rows.items():
+            real = (r["data_rate_when_1"], r["data_rate_when_0"])
+            data = "   data " + " vs ".join("-" if x is None else f"{x:.3f}" for x in real)
+            print(f"{name:<22}{r['rate_when_1']:>7.3f} vs {r['rate_when_0']:.3f}{data}")
 
 
 def curves(args: argparse.Namespace) -> int:

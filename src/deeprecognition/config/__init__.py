@@ -46,6 +46,7 @@ from deeprecognition.config.gan import (
     GanOptimConfig,
     GanOptimizer,
     GanScheduleConfig,
+    conditional_dcgan,
     modern_dcgan,
     paper_gan,
 )
@@ -82,6 +83,7 @@ __all__ = [
     "check_fields",
     "from_checkpoint",
     "from_dict",
+    "conditional_dcgan",
     "modern_dcgan",
     "option",
     "paper_cnn",

@@ -14,6 +14,22 @@ TASKS: dict[str, tuple[str, ...]] = {
     "attractive": ("Attractive",),
     "paper4": ("Heavy_Makeup", "High_Cheekbones", "Male", "Mouth_Slightly_Open"),
     "all40": CELEBA_ATTRIBUTES,
+    # The 13 attributes STGAN and AttGAN edit, and their judge classifies.
+    "stgan13": (
+        "Bald",
+        "Bangs",
+        "Black_Hair",
+        "Blond_Hair",
+        "Brown_Hair",
+        "Bushy_Eyebrows",
+        "Eyeglasses",
+        "Male",
+        "Mouth_Slightly_Open",
+        "Mustache",
+        "No_Beard",
+        "Pale_Skin",
+        "Young",
+    ),
 }
 # The choice fields' values; the modules that act on them read their tuples from these.
 ModelName = Literal["cnn", "resnet50"]
@@ -45,7 +61,7 @@ class ModelConfig:
 
 @dataclass(kw_only=True)
 class DataConfig(LoaderSettings):
-    task: str = option("attractive", "attractive | paper4 | all40 | comma list of attributes", flag=True)
+    task: str = option("attractive", "attractive | paper4 | all40 | stgan13 | comma list of attributes", flag=True)
 
 
 @dataclass(kw_only=True)

@@ -14,6 +14,7 @@ Arch = Literal["paper", "dcgan", "resnet"]
 GanLoss = Literal["bce", "hinge"]
 GanOptimizer = Literal["rmsprop", "adam"]
 FidFeatures = Literal["inception", "classifier"]
+ConditionHead = Literal["projection", "auxiliary"]
 STANDARD_INCEPTION = "standard"  # eval.inception_weights' name for the standard network (gan/inception.py)
 # model.diffaugment's policies, the paper's names (gan/diffaugment.py holds their ops).
 DIFFAUGMENT_POLICIES = ("color", "translation", "cutout")
@@ -51,6 +52,23 @@ class GanModelConfig:
         f"DiffAugment policies on every image D sees, real and fake, in both steps: a comma list of "
         f'{", ".join(DIFFAUGMENT_POLICIES)}; "": off',
     )
+    conditional: bool = option(
+        False, "G draws faces with chosen attributes (model.attributes), D judges (face, attributes) pairs", flag=True
+    )
+    attributes: str = option(
+        "all40",
+        "conditional: the attributes G is asked for: all40, stgan13 (the 13 STGAN/AttGAN edit), paper4 or a comma list",
+        flag="--condition-attributes",
+        metavar="SET",
+    )
+    condition_head: ConditionHead = option(
+        "projection",
+        "conditional: projection (Miyato & Koyama: one learned embedding per attribute, signed by its value, "
+        "dotted with D's features) or auxiliary (an attribute classifier head on D's features, AC-GAN)",
+        flag=True,
+    )
+    condition_embed: int = option(64, "conditional: size of the attribute embedding joined to G's noise")
+    aux_weight: float = option(1.0, "condition_head=auxiliary: weight of the attribute loss in D's and G's losses")
 
 
 @dataclass(kw_only=True)
@@ -101,6 +119,11 @@ class GanScheduleConfig:
         "FID/KID (features: --fid-features) and attribute rates (with --classifier) every N iterations; 0: never",
         flag=True,
     )
+    mosaic_conditions: str = option(
+        "",
+        "conditional: the mosaic's rows, ';'-separated conditions like Male=1,Smiling=0 (the rest drawn from "
+        "the data); default: Male and Smiling's four combinations, Eyeglasses=1 and data draws",
+    )
 
 
 @dataclass(kw_only=True)
@@ -122,6 +145,16 @@ class GanEvalConfig:
         metavar="PATH",
     )
     samples: int = option(1000, "generated and real faces per evaluation", flag="--eval-samples")
+    control: str = option(
+        "",
+        "conditional, with eval.classifier as the judge: attributes whose control accuracy every evaluation "
+        "reports (each asked for at 1 and at 0)",
+        flag="--eval-control",
+        metavar="A,B",
+    )
+    control_weight: float = option(
+        100.0, "eval.control: score/conditional = fid + control_weight * (1 - control_mean_accuracy), lower is better"
+    )
 
 
 @dataclass(kw_only=True)
@@ -170,8 +203,42 @@ class GanConfig(RunSettings):
             raise ValueError(f"data.threshold must be between 0 and 1, got {self.data.threshold}")
         if self.eval.features == "classifier" and not self.eval.classifier:
             raise ValueError("eval.features=classifier needs eval.classifier (a trained classifier checkpoint)")
+        self._check_conditions()
         self.scale.check()
         return self
+
+    def condition_attributes(self) -> tuple[str, ...]:
+        """The attributes a conditional G is asked for; () for an unconditional one."""
+        from deeprecognition.config.classifier import task_attributes
+
+        return task_attributes(self.model.attributes) if self.model.conditional else ()
+
+    def _check_conditions(self) -> None:
+        from deeprecognition.config.classifier import task_attributes
+        from deeprecognition.shards.loader import parse_conditions
+
+        model = self.model
+        task_attributes(model.attributes)  # a bad set is refused before it is switched on
+        attributes = self.condition_attributes()
+        if not model.conditional:
+            if self.eval.control:
+                raise ValueError("eval.control measures a conditional model: set model.conditional=true")
+            return
+        if self.data.where_classifier:
+            raise ValueError(
+                "model.conditional draws the faces' attributes from the label index, which data.where_classifier's "
+                "network does not change: filter with data.where instead"
+            )
+        check_fields(
+            positives=(("model.condition_embed", model.condition_embed),),
+            non_negatives=(("model.aux_weight", model.aux_weight), ("eval.control_weight", self.eval.control_weight)),
+        )
+        for row in filter(None, self.schedule.mosaic_conditions.split(";")):
+            parse_conditions(row, attributes, "schedule.mosaic_conditions")
+        if self.eval.control:
+            if not self.eval.classifier:
+                raise ValueError("eval.control needs a judge: set eval.classifier (a trained classifier checkpoint)")
+            parse_conditions(",".join(f"{a}=1" for a in self.eval.control.split(",")), attributes, "eval.control")
 
 
 def paper_gan() -> GanConfig:
@@ -212,9 +279,26 @@ def sngan_diffaug() -> GanConfig:
     return cfg
 
 
+def conditional_sngan() -> GanConfig:
+    """`sngan` conditioned on all 40 attributes, with a projection discriminator."""
+    cfg = sngan()
+    cfg.name, cfg.model.conditional = "sngan-conditional", True
+    return cfg
+
+
+def conditional_dcgan() -> GanConfig:
+    """`dcgan` on all faces, conditioned on all 40 attributes, with a projection discriminator:
+    the quick conditional model (one D step per G step)."""
+    cfg = modern_dcgan()
+    cfg.name, cfg.model.conditional, cfg.data.where = "dcgan-conditional", True, ""
+    return cfg
+
+
 GAN_PRESETS: dict[str, Callable[[], GanConfig]] = {
     "paper-gan": paper_gan,
     "dcgan": modern_dcgan,
     "sngan": sngan,
     "sngan-diffaug": sngan_diffaug,
+    "dcgan-conditional": conditional_dcgan,
+    "sngan-conditional": conditional_sngan,
 }

@@ -51,10 +51,12 @@ def on_device(batches: Iterable[Batch], device: torch.device) -> Iterator[Batch]
         yield Batch(images_on(batch.images, device), batch.targets, batch.keys)
 
 
-def real_batches(cfg: GanConfig, rank: int, world_size: int, device: torch.device) -> Iterator[torch.Tensor]:
-    """An endless stream of this rank's real uint8 batches on `device`, all of exactly data.batch_size faces."""
+def real_batches(cfg: GanConfig, rank: int, world_size: int, device: torch.device) -> Iterator[Batch]:
+    """An endless stream of this rank's real batches, all of exactly data.batch_size faces: uint8
+    images on `device`, and the labels of a conditional model's attributes (B, K) uint8 (K = 0
+    without conditions), on the CPU."""
     require_cuda(cfg.data.decode, device)
-    config = cfg.data.loader("train", (), cfg.optim.seed, where=parse_where(cfg.data.where))
+    config = cfg.data.loader("train", cfg.condition_attributes(), cfg.optim.seed, where=parse_where(cfg.data.where))
     loader = make_loader(config, rank, world_size, pin_memory=device.type == "cuda")
 
     def epochs() -> Iterator[Batch]:
@@ -66,7 +68,7 @@ def real_batches(cfg: GanConfig, rank: int, world_size: int, device: torch.devic
 
     for batch in _filter(cfg, epochs(), device, cfg.data.batch_size):
         if len(batch.keys) == cfg.data.batch_size:  # equal batches on every rank
-            yield batch.images
+            yield batch
 
 
 @dataclass

@@ -14,18 +14,23 @@ from torch import Tensor, nn
 from deeprecognition import storage
 from deeprecognition.config import GanConfig, from_checkpoint
 from deeprecognition.errors import InputError
-from deeprecognition.gan.models import build_gan, draws_with_ema, to_uint8
+from deeprecognition.gan.conditions import Draw, LabelBank, attribute_names, flip_columns
+from deeprecognition.gan.models import draws_with_ema, to_uint8
+from deeprecognition.gan.step import build_models
 from deeprecognition.runs.catalog import best_checkpoint
 from deeprecognition.runs.checkpoint import load_state
+from deeprecognition.shards.loader import parse_conditions
+
+EDIT_TILE = 128  # px: edit grids scale small faces up to this, so that each tile's label fits
 
 
-def grid_png(images: Tensor, labels: list[str] | None = None) -> bytes:
-    """A grid PNG of (N, 3, S, S) uint8 images, ceil(sqrt(N)) columns (6x6 for 36); optional
-    labels are written on each tile."""
+def grid_png(images: Tensor, labels: list[str] | None = None, columns: int | None = None) -> bytes:
+    """A grid PNG of (N, 3, S, S) uint8 images, `columns` wide or ceil(sqrt(N)) (6x6 for 36);
+    optional labels are written on each tile."""
     from PIL import Image, ImageDraw
 
     n, _, size, _ = images.shape
-    side = math.ceil(math.sqrt(n))  # columns; rows only as many as needed
+    side = columns or math.ceil(math.sqrt(n))  # columns; rows only as many as needed
     grid = torch.zeros((3, math.ceil(n / side) * size, side * size), dtype=torch.uint8)
     for i, img in enumerate(images.cpu()):
         row, col = divmod(i, side)
@@ -82,22 +87,39 @@ def write_contact_sheet(folder: str) -> None:
 
 @torch.no_grad()
 def draw_faces(
-    generator: nn.Module, latent: int, n: int, seed: int, part: slice = slice(None), batch_size: int = 250
+    generator: nn.Module,
+    latent: int,
+    n: int,
+    seed: int,
+    part: slice = slice(None),
+    batch_size: int = 250,
+    labels: Tensor | None = None,
 ) -> Tensor:
     """(n, 3, S, S) uint8 faces from seeded latents: the same seed gives the same faces. `part`: only
-    those of the n (a rank's share), the same faces as in the whole set."""
-    faces = list(face_batches(generator, latent, n, seed, part, batch_size))
+    those of the n (a rank's share), the same faces as in the whole set. A conditional generator
+    is asked for `labels`, (n, K), the whole set's."""
+    faces = list(face_batches(generator, latent, n, seed, part, batch_size, labels))
     return torch.cat(faces) if faces else torch.zeros((0, 3, 0, 0), dtype=torch.uint8)
 
 
+@torch.no_grad()
 def face_batches(
-    generator: nn.Module, latent: int, n: int, seed: int, part: slice = slice(None), batch_size: int = 250
+    generator: nn.Module,
+    latent: int,
+    n: int,
+    seed: int,
+    part: slice = slice(None),
+    batch_size: int = 250,
+    labels: Tensor | None = None,
 ) -> Iterator[Tensor]:
     """draw_faces' faces a batch at a time, for sets too large to hold (50k at 128 px is 2.4 GB)."""
     latents = torch.randn(n, latent, generator=torch.Generator().manual_seed(seed))[part]
+    asked = labels[part] if labels is not None else None
     device = next(generator.parameters()).device
-    for z in latents.split(batch_size):
-        yield to_uint8(generator(z.to(device)).float()).cpu()
+    for start in range(0, len(latents), batch_size):
+        z = latents[start : start + batch_size].to(device)
+        faces = generator(z) if asked is None else generator(z, asked[start : start + batch_size].to(device))
+        yield to_uint8(faces.float()).cpu()
 
 
 @dataclass
@@ -108,6 +130,7 @@ class TrainedGan:
     image_size: int
     checkpoint: str
     fixed_latents: Tensor  # the run's mosaic latents
+    bank: LabelBank | None = None  # conditional: the training faces' label vectors
 
     @classmethod
     def load(
@@ -123,24 +146,88 @@ class TrainedGan:
                 folder, "is not a GAN checkpoint (no G or image_size): give one written by `deeprec train gan`"
             )
         cfg = from_checkpoint(GanConfig, state["config"])
-        generator, _ = build_gan(cfg.model.arch, cfg.model.latent, state["image_size"], cfg.model.width)
+        generator, _ = build_models(cfg, state["image_size"])
         generator.load_state_dict(state["ema" if (draws_with_ema(cfg.model.arch) if ema is None else ema) else "G"])
+        bank = LabelBank.restored(state["label_bank"]) if cfg.model.conditional else None
         return cls(
-            generator.to(device).eval(), cfg, state["iteration"], state["image_size"], folder, state["fixed_latents"]
+            generator.to(device).eval(),
+            cfg,
+            state["iteration"],
+            state["image_size"],
+            folder,
+            state["fixed_latents"],
+            bank,
         )
 
-    def faces(self, n: int, seed: int = 0) -> Tensor:
-        return draw_faces(self.generator, self.config.model.latent, n, seed)
+    def labels(self, n: int, conditions: str, seed: int, what: str = "--attrs") -> Draw | None:
+        """`n` label vectors with `conditions` ("Smiling=1,Male=0"), the rest drawn from the data;
+        None for an unconditional model, which refuses conditions."""
+        if self.bank is None:
+            if conditions:
+                raise ValueError(f"{what}: {self.checkpoint} is not conditional (trained without --conditional)")
+            return None
+        return self.bank.draw(n, parse_conditions(conditions, self.bank.attributes, what), seed)
+
+    def faces(self, n: int, seed: int = 0, conditions: str = "") -> Tensor:
+        draw = self.labels(n, conditions, seed)
+        return draw_faces(self.generator, self.config.model.latent, n, seed, labels=draw.labels if draw else None)
+
+    @torch.no_grad()
+    def edits(self, names: list[str], n: int, seed: int = 0, conditions: str = "") -> Tensor:
+        """Rows of `n` faces, each a fixed (z, a) with a drawn from the data (under `conditions`):
+        the face as drawn, then one face per name with that attribute flipped; (n * (1 + len), 3, S, S)."""
+        draw = self.labels(n, conditions, seed, "--edit")
+        if draw is None:
+            raise ValueError(f"--edit: {self.checkpoint} is not conditional (trained without --conditional)")
+        columns = [
+            self.bank.attributes.index(a) for a in attribute_names(",".join(names), self.bank.attributes, "--edit")
+        ]
+        z = torch.randn(n, self.config.model.latent, generator=torch.Generator().manual_seed(seed))
+        device = next(self.generator.parameters()).device
+        z = z.repeat_interleave(1 + len(columns), 0).to(device)
+        return to_uint8(self.generator(z, flip_columns(draw.labels, columns).to(device)).float()).cpu()
 
 
 def generate_grid(
-    checkpoint: str, out: str, n: int = 36, seed: int = 0, ema: bool | None = None, latest: bool = False
+    checkpoint: str,
+    out: str,
+    n: int = 36,
+    seed: int = 0,
+    ema: bool | None = None,
+    latest: bool = False,
+    attrs: str = "",
+    edit: str = "",
 ) -> TrainedGan:
-    """Write a grid of `n` generated faces to `out` (local or s3://); returns the loaded GAN (a
-    run's best checkpoint, or with `latest` its latest)."""
+    """Write a grid of `n` generated faces to `out` (local or s3://), a conditional model's with the
+    attributes `attrs` fixed; with `edit` ("Smiling,Male") `n` rows of edits instead, tiles labelled
+    with the flipped attribute's new value. Returns the loaded GAN (a run's best checkpoint, or with
+    `latest` its latest)."""
     if n < 1:
         raise ValueError(f"--n must be at least 1, got {n}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gan = TrainedGan.load(checkpoint, ema=ema, device=device, latest=latest)
-    storage.write_bytes_atomic(out, grid_png(gan.faces(n, seed)))
+    if not edit:
+        storage.write_bytes_atomic(out, grid_png(gan.faces(n, seed, attrs)))
+        return gan
+    names = [a.strip() for a in edit.split(",") if a.strip()]
+    faces = gan.edits(names, n, seed, attrs)
+    storage.write_bytes_atomic(
+        out, grid_png(_enlarged(faces), _edit_labels(gan, names, n, seed, attrs), 1 + len(names))
+    )
     return gan
+
+
+def _enlarged(faces: Tensor, at_least: int = EDIT_TILE) -> Tensor:
+    """Faces scaled up by a whole factor (nearest) to at least `at_least` px, room for a tile's label."""
+    scale = max(1, math.ceil(at_least / faces.shape[-1]))
+    return faces.repeat_interleave(scale, -1).repeat_interleave(scale, -2)
+
+
+def _edit_labels(gan: TrainedGan, names: list[str], n: int, seed: int, attrs: str) -> list[str]:
+    """ "as drawn", then "+Smiling" or "-Smiling": what each edit tile's flip made of the attribute."""
+    labels = gan.labels(n, attrs, seed, "--edit").labels
+    tiles = []
+    for row in labels:
+        tiles.append("as drawn")
+        tiles += [("-" if row[gan.bank.attributes.index(a)] else "+") + a for a in names]
+    return tiles

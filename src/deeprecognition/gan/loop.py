@@ -22,20 +22,24 @@ from torch import Tensor, nn
 
 from deeprecognition import storage
 from deeprecognition.config import GanConfig, from_dict, to_dict
+from deeprecognition.gan.conditions import MOSAIC_SIDE, LabelBank, mosaic_labels, mosaic_rows
 from deeprecognition.gan.data import real_batches
 from deeprecognition.gan.generate import mosaic_name, write_contact_sheet, write_mosaic
 from deeprecognition.gan.metrics import TrainingEvaluation
 from deeprecognition.gan.models import draws_with_ema, standing_statistics, to_uint8
-from deeprecognition.gan.step import GanNets, gan_step, hyperparameters, make_nets
+from deeprecognition.gan.step import GanNets, gan_step, generated, hyperparameters, make_nets
 from deeprecognition.runs.background import BackgroundWriter
 from deeprecognition.runs.catalog import with_ray_score
 from deeprecognition.runs.distributed import data_parallel, unwrap
 from deeprecognition.runs.report import RunLog
 from deeprecognition.runs.resume import apply_hyperparameters, resume_latest, seed_rank_streams, stream_seed
 from deeprecognition.runs.session import Session
+from deeprecognition.shards.loader import Batch, parse_where
 from deeprecognition.shards.manifest import read_manifest
 
 MOSAIC = 36  # the study's 6x6 grid
+# The EMA generator's standing statistics: over these many seeded draws (and labels, conditional).
+STANDING_SAMPLES, STANDING_SEED = 512, 0
 NOISE_STREAM = 2  # stream_seed's stream of the latents G draws in training
 
 
@@ -47,6 +51,7 @@ class GanState:
     nets: GanNets
     image_size: int
     fixed: Tensor  # the same 36 latent vectors for every mosaic of the run, as the study did
+    fixed_labels: Tensor | None = None  # conditional: the mosaic's 36 label vectors, row by row
     iteration: int = 0
 
     def saved(self) -> dict[str, Any]:
@@ -58,7 +63,15 @@ class GanState:
             "image_size": self.image_size,
             "fixed_latents": self.fixed,
             "config": to_dict(self.cfg),
+            **self._conditions(),
         }
+
+    def _conditions(self) -> dict[str, Any]:
+        """A conditional model's mosaic labels and the label vectors it draws from: `deeprec
+        generate` needs the data's joint distribution without the data."""
+        if self.nets.bank is None:
+            return {}
+        return {"fixed_labels": self.fixed_labels, "label_bank": self.nets.bank.saved()}
 
     def restore(self, saved: dict[str, Any]) -> list[str]:
         """Continue from the checkpoint `saved`, with the optimiser hyperparameters the config asks
@@ -68,6 +81,7 @@ class GanState:
         changed_g = apply_hyperparameters(self.nets.opt_g, hyperparameters(self.cfg, optim.lr_g), "G")
         changed_d = apply_hyperparameters(self.nets.opt_d, hyperparameters(self.cfg, optim.lr_d), "D")
         self.iteration, self.fixed = saved["iteration"], saved["fixed_latents"]
+        self.fixed_labels = saved.get("fixed_labels")
         return changed_g + changed_d
 
 
@@ -158,7 +172,7 @@ class _Run:
     writer: BackgroundWriter  # rank 0's mosaics and log writes
     log: RunLog | None  # rank 0's
     evaluation: TrainingEvaluation | None  # with schedule.eval_every
-    reals: Iterator[Tensor]  # this rank's real faces, a batch at a time
+    reals: Iterator[Batch]  # this rank's real faces (and their labels), a batch at a time
     noise: torch.Generator  # the latents G draws in training
     losses: _Losses
 
@@ -185,10 +199,24 @@ def _train(config: dict[str, Any], writer: BackgroundWriter) -> None:
 
 
 def _build(cfg: GanConfig, session: Session, image_size: int) -> GanState:
-    """Networks, optimisers and EMA, initialised from the run's seed, and the mosaics' latents."""
-    nets = make_nets(cfg, image_size, session.device)
-    fixed = torch.randn(MOSAIC, cfg.model.latent, generator=torch.Generator().manual_seed(cfg.optim.seed))
-    return GanState(cfg, nets, image_size, fixed)
+    """Networks, optimisers and EMA, initialised from the run's seed, and the mosaics' latents; a
+    conditional model's label bank and mosaic labels: rows of requested conditions (gan/conditions.py)
+    over six latents, one per column, so each column is one face asked for each row's attributes."""
+    attributes = cfg.condition_attributes()
+    bank = LabelBank.of_dataset(cfg.data.data, parse_where(cfg.data.where), attributes) if attributes else None
+    nets = make_nets(cfg, image_size, session.device, bank)
+    draw = torch.Generator().manual_seed(cfg.optim.seed)
+    if bank is None:
+        return GanState(cfg, nets, image_size, torch.randn(MOSAIC, cfg.model.latent, generator=draw))
+    columns = torch.randn(MOSAIC_SIDE, cfg.model.latent, generator=draw)
+    rows = mosaic_rows(cfg.schedule.mosaic_conditions, attributes)
+    if session.rank == 0:
+        print(f"mosaic rows: {'; '.join(_named(r) for r in rows)}", flush=True)
+    return GanState(cfg, nets, image_size, columns.repeat(MOSAIC_SIDE, 1), mosaic_labels(bank, rows, cfg.optim.seed))
+
+
+def _named(conditions: dict[str, int]) -> str:
+    return ",".join(f"{k}={v}" for k, v in conditions.items()) or "drawn from the data"
 
 
 def _setup(state: GanState, session: Session, writer: BackgroundWriter) -> _Run:
@@ -201,7 +229,7 @@ def _setup(state: GanState, session: Session, writer: BackgroundWriter) -> _Run:
         if session.rank == 0
         else None
     )
-    evaluation = TrainingEvaluation(cfg, session) if cfg.schedule.eval_every else None
+    evaluation = TrainingEvaluation(cfg, session, nets.bank) if cfg.schedule.eval_every else None
     reals = real_batches(cfg, session.rank, session.world_size, session.device)
     return _Run(cfg, session, writer, log, evaluation, reals, noise, _Losses())
 
@@ -213,8 +241,10 @@ def _train_iteration(run: _Run, state: GanState, iteration: int) -> None:
     cfg, session = run.cfg, run.session
     seed_rank_streams(cfg.optim.seed, session.rank, iteration, session.device)
     run.noise.manual_seed(stream_seed(cfg.optim.seed, session.rank, iteration, NOISE_STREAM))
-    reals = [next(run.reals).to(session.device, non_blocking=True) for _ in range(cfg.optim.n_dis)]
-    run.losses.add(gan_step(cfg, state.nets, reals, run.noise, iteration))
+    batches = [next(run.reals) for _ in range(cfg.optim.n_dis)]
+    reals = [b.images.to(session.device, non_blocking=True) for b in batches]
+    labels = [b.targets.to(session.device).float() for b in batches] if state.nets.bank is not None else None
+    run.losses.add(gan_step(cfg, state.nets, reals, run.noise, iteration, labels))
     state.iteration = iteration
 
 
@@ -253,15 +283,17 @@ def _painter(cfg: GanConfig, nets: GanNets) -> nn.Module:
     statistics measured for its own weights, or G itself (the study's model, as the study did)."""
     if not draws_with_ema(cfg.model.arch):
         return unwrap(nets.G)
-    standing_statistics(nets.ema, cfg.model.latent)
+    labels = nets.bank.draw(STANDING_SAMPLES, {}, STANDING_SEED).labels if nets.bank is not None else None
+    standing_statistics(nets.ema, cfg.model.latent, STANDING_SAMPLES, seed=STANDING_SEED, labels=labels)
     return nets.ema
 
 
 def _write_mosaic_later(run: _Run, state: GanState, painter: nn.Module) -> None:
     """Rank 0: the fixed latents' faces, turned into a PNG and uploaded off the loop (the other
     ranks do not wait)."""
+    labels = state.fixed_labels.to(run.session.device) if state.fixed_labels is not None else None
     with torch.no_grad():
-        faces = to_uint8(painter(state.fixed.to(run.session.device)).float()).cpu()
+        faces = to_uint8(generated(painter, state.fixed.to(run.session.device), labels).float()).cpu()
     uri = storage.join(run.session.run_dir, "mosaics", mosaic_name(state.iteration))
     run.writer.submit(uri, write_mosaic, uri, faces)
 

@@ -21,15 +21,19 @@ import torch
 from torch import Tensor, nn
 
 from deeprecognition import storage
+from deeprecognition.celeba.attributes import CELEBA_ATTRIBUTES
 from deeprecognition.classifier.trained import TrainedClassifier
 from deeprecognition.config import GanConfig
 from deeprecognition.errors import InputError
+from deeprecognition.gan.conditions import LabelBank, attribute_names
+from deeprecognition.gan.control import attribute_rates, conditional_score, contrasted, controlled
 from deeprecognition.gan.data import RealShare, reference_faces
 from deeprecognition.gan.fid_stats import Reference, cached, frechet_distance, moments, stats_uri
 from deeprecognition.gan.generate import draw_faces
 from deeprecognition.gan.inception import CONVERTED_FILE, STANDARD, standard_weights
 from deeprecognition.runs.distributed import all_gather_rows, all_sum, world
 from deeprecognition.runs.session import Session
+from deeprecognition.shards.loader import parse_where
 from deeprecognition.shards.sampling import part_bounds
 
 # The FID Inception weights torch-fidelity (and torchmetrics) would download.
@@ -146,18 +150,6 @@ def _in_order(features: Tensor, positions: Tensor) -> Tensor:
     return every[all_gather_rows(positions.to(features.device)).argsort()]
 
 
-def attribute_rates(classifier: TrainedClassifier | None, images: Tensor, batch_size: int = 250) -> dict[str, float]:
-    """The share of faces, over every rank's, the classifier scores positive per attribute."""
-    if classifier is None:
-        return {}
-    counts = torch.zeros(len(classifier.attributes) + 1, dtype=torch.int64, device=classifier.device)
-    for chunk in images.split(batch_size):
-        counts[:-1] += (classifier.probabilities(chunk) >= 0.5).sum(0)
-        counts[-1] += len(chunk)
-    *positive, total = all_sum(counts).tolist()
-    return dict(zip(classifier.attributes, (p / max(total, 1) for p in positive), strict=True))
-
-
 class GanEvaluator:
     """FID/KID of generated faces against one fixed set of real faces (a `Reference`), and attribute
     rates of both, computed by every rank together: each rank draws and embeds its share of the
@@ -203,14 +195,18 @@ class GanEvaluator:
             share.append(reference_faces(cfg, samples, device, rank, world_size))
         return cls(extractor, reference, classifier, attribute_rates(classifier, share[0].images) if share else {})
 
-    def __call__(self, painter: nn.Module, latent: int, samples: int, seed: int = EVAL_SEED) -> dict[str, Any]:
-        """Metrics of `samples` faces that `painter` draws from the latents of `seed`, this rank
-        drawing its contiguous part of them."""
+    def __call__(
+        self, painter: nn.Module, latent: int, samples: int, seed: int = EVAL_SEED, bank: LabelBank | None = None
+    ) -> dict[str, Any]:
+        """Metrics of `samples` faces that `painter` draws from the latents of `seed` (a conditional
+        one asked for label vectors drawn from `bank` with the same seed), this rank drawing its
+        contiguous part of them."""
         if samples < 2:
             raise ValueError(f"FID needs at least 2 generated faces, got {samples}")
         rank, ranks = world()
         start, stop = part_bounds(samples, rank, ranks)
-        fakes = draw_faces(painter, latent, samples, seed, part=slice(start, stop))
+        labels = bank.draw(samples, {}, seed).labels if bank is not None else None
+        fakes = draw_faces(painter, latent, samples, seed, part=slice(start, stop), labels=labels)
         fake = all_gather_rows(embedded(self.extractor, fakes))  # in rank order: the latents' order
         kid, kid_std = kernel_distance(self.reference.kid_features, fake)
         return {
@@ -229,8 +225,11 @@ class TrainingEvaluation:
     """A training run's FID/KID and attribute rates, every schedule.eval_every iterations, by every
     rank together."""
 
-    def __init__(self, cfg: GanConfig, session: Session) -> None:
+    def __init__(self, cfg: GanConfig, session: Session, bank: LabelBank | None = None) -> None:
         classifier = TrainedClassifier.load(cfg.eval.classifier, session.device) if cfg.eval.classifier else None
+        self.bank, self.judge = bank, classifier
+        self.control = attribute_names(cfg.eval.control, bank.attributes, "eval.control") if cfg.eval.control else []
+        self.control_weight = cfg.eval.control_weight
         extractor = pick_extractor(cfg.eval.features, cfg.eval.inception_weights, classifier, session.device)
         self.evaluator = GanEvaluator.for_run(
             cfg, extractor, classifier, cfg.eval.samples, session.device, session.rank, session.world_size
@@ -245,8 +244,13 @@ class TrainingEvaluation:
 
     def __call__(self, painter: nn.Module) -> dict[str, float]:
         """What goes into metrics.jsonl, TensorBoard and the reports Tune's schedulers see."""
-        result = self.evaluator(painter, self.latent, self.samples)
+        result = self.evaluator(painter, self.latent, self.samples, bank=self.bank)
         scalars = {key: result[key] for key in ("fid", "kid")}
+        if self.control:
+            control = controlled(painter, self.latent, self.bank, self.judge, self.control, self.samples, edits=False)
+            scalars.update({f"control/{name}": c["accuracy"] for name, c in control["control"].items()})
+            scalars["control_mean_accuracy"] = control["control_mean_accuracy"]
+            scalars["score/conditional"] = conditional_score(result["fid"], control, self.control_weight)
         scalars.update({f"rate/{name}": rate for name, rate in result["attribute_rate"].items()})
         scalars.update({f"data_rate/{name}": rate for name, rate in result["data_attribute_rate"].items()})
         return scalars
@@ -262,10 +266,14 @@ def evaluate_gan(
     seed: int = EVAL_SEED,
     ema: bool | None = None,
     latest: bool = False,
+    control: str = "",
+    contrast: str = "",
 ) -> dict[str, Any]:
     """`deeprec evaluate-gan`: a GAN checkpoint's faces against the real faces it learned from
     (its run's --where and classifier filters, on DATA or the run's own dataset). With the
-    defaults it repeats the run's own evaluation of that checkpoint: same real faces, same latents."""
+    defaults it repeats the run's own evaluation of that checkpoint: same real faces, same latents.
+    A conditional model's faces are asked for label vectors drawn from the data; `control` and
+    `contrast` (gan/control.py) need the classifier as their judge."""
     import dataclasses
 
     from deeprecognition.gan.generate import TrainedGan
@@ -277,6 +285,41 @@ def evaluate_gan(
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, data=data))
     judge = TrainedClassifier.load(classifier, device) if classifier else None
     extractor = pick_extractor(features, inception_weights, judge, device)
+    if (control or contrast) and (judge is None or gan.bank is None):
+        raise ValueError(
+            "--control and --contrast measure a conditional model (trained with --conditional) "
+            "and need a judge: --classifier CKPT"
+        )
     evaluator = GanEvaluator.for_run(cfg, extractor, judge, samples, device)
-    result = evaluator(gan.generator, cfg.model.latent, samples, seed)
-    return {**result, "checkpoint": gan.checkpoint, "iteration": gan.iteration, "where": cfg.data.where}
+    result = evaluator(gan.generator, cfg.model.latent, samples, seed, bank=gan.bank)
+    result.update(checkpoint=gan.checkpoint, iteration=gan.iteration, where=cfg.data.where)
+    if control:
+        result.update(_control_report(gan, judge, cfg.data.data, control, samples))
+    if contrast:
+        name = attribute_names(contrast, gan.bank.attributes, "--contrast")
+        if len(name) != 1:
+            raise ValueError(f"--contrast: name one attribute, got {contrast!r}")
+        every = LabelBank.of_dataset(cfg.data.data, parse_where(cfg.data.where), CELEBA_ATTRIBUTES)
+        result["contrast"] = {
+            name[0]: contrasted(gan.generator, cfg.model.latent, gan.bank, judge, name[0], samples, every)
+        }
+    return result
+
+
+def _control_report(gan, judge: TrainedClassifier, data: str, control: str, samples: int) -> dict[str, Any]:
+    """Control per attribute, each beside the judge's own accuracy on real held-out faces (the test
+    split, or val where a copy has no test faces): a judge that cannot see an attribute cannot grade it."""
+    from deeprecognition.classifier.evaluate import evaluate_checkpoint
+    from deeprecognition.shards.manifest import read_manifest
+
+    names = attribute_names(control, gan.bank.attributes, "--control")
+    report = controlled(gan.generator, gan.config.model.latent, gan.bank, judge, names, samples)
+    splits = read_manifest(data).splits
+    split = "test" if "test" in splits and splits["test"].samples else "val"
+    judged = evaluate_checkpoint(judge.checkpoint, data, split)
+    for name, row in report["control"].items():
+        row["judge_accuracy"] = judged["attributes"][name]
+        # A judge at its majority floor sees nothing: its balanced accuracy says so (0.5).
+        row["judge_majority_baseline"] = judged["majority_baseline"][name]
+        row["judge_balanced_accuracy"] = judged["metrics"]["balanced_accuracy"][name]
+    return {**report, "judge_split": split, "judge_samples": judged["samples"]}

@@ -18,11 +18,13 @@ from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
 from deeprecognition.config import Arch, GanLoss
+from deeprecognition.config.gan import ConditionHead
 from deeprecognition.gan.resnet import ResNetDiscriminator, ResNetGenerator
 from deeprecognition.runs.distributed import unwrap
 
 ARCHS: tuple[str, ...] = get_args(Arch)
 LOSSES: tuple[str, ...] = get_args(GanLoss)
+CONDITION_HEADS: tuple[str, ...] = get_args(ConditionHead)
 # The study's LeakyReLU slope, also the DCGAN paper's.
 SLOPE = 0.2
 
@@ -92,10 +94,18 @@ class PaperDiscriminator(nn.Module):
             nn.Dropout(0.4),
             nn.Linear(256 * side * side, 1),  # (B, 1) logit
         )
+        self.feature_dim = 256 * side * side
+
+    def features(self, x: Tensor) -> Tensor:
+        """Images (B, 3, S, S) -> the last layer's input (B, feature_dim), after dropout."""
+        return self.net[:-1](x)
+
+    def head(self, h: Tensor) -> Tensor:
+        return self.net[-1](h)  # (B, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         """Images (B, 3, S, S) in [-1, 1] -> logits (B, 1)."""
-        return self.net(x)
+        return self.head(self.features(x))
 
 
 class DCGANGenerator(nn.Module):
@@ -146,10 +156,19 @@ class DCGANDiscriminator(nn.Module):
         # (B, c_in, 4, 4), c_in = width * 2**(downs-1)
         layers += [spectral_norm(nn.Conv2d(c_in, 1, 4)), nn.Flatten()]  # (B, 1, 1, 1) -> (B, 1)
         self.net = nn.Sequential(*layers)
+        self.top, self.feature_dim = c_in, c_in * 4 * 4
+
+    def features(self, x: Tensor) -> Tensor:
+        """Images (B, 3, S, S) -> the 4x4 map the last conv reads, flattened (B, feature_dim)."""
+        return self.net[:-2](x).flatten(1)
+
+    def head(self, h: Tensor) -> Tensor:
+        # The 4x4 conv over a 4x4 map is a linear layer on the flattened map.
+        return self.net[-2:](h.view(len(h), self.top, 4, 4))  # (B, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         """Images (B, 3, S, S) in [-1, 1] -> logits (B, 1)."""
-        return self.net(x)
+        return self.head(self.features(x))
 
 
 def draws_with_ema(arch: str) -> bool:
@@ -158,9 +177,68 @@ def draws_with_ema(arch: str) -> bool:
     return arch in ("dcgan", "resnet")
 
 
-def build_gan(arch: str, latent: int, image_size: int, width: int = 64) -> tuple[nn.Module, nn.Module]:
+class ConditionalGenerator(nn.Module):
+    """G(z, a): the attributes a (B, K) in {0, 1}, signed to {-1, 1} and embedded by a linear map,
+    join the noise at the input of an unconditional generator. One way for every architecture (the
+    study's G has no batch norm to condition), and every attribute reaches every channel of the
+    seed map from the first layer on."""
+
+    def __init__(self, base: nn.Module, attributes: int, embed: int) -> None:
+        super().__init__()
+        self.base, self.embed = base, nn.Linear(attributes, embed)
+        self.latent = base.latent - embed
+
+    def forward(self, z: Tensor, labels: Tensor) -> Tensor:
+        """Noise (B, latent) and labels (B, K) -> images (B, 3, S, S) in [-1, 1]."""
+        return self.base(torch.cat([z, self.embed(2 * labels - 1)], 1))
+
+
+class ConditionalDiscriminator(nn.Module):
+    """D(x, a) for multi-label conditions over an unconditional D's features phi(x) (B, F).
+
+    projection (Miyato & Koyama 2018, one embedding v_k per attribute, signed by its value s_k in
+    {-1, 1}): logit = head(phi) + sum_k s_k <v_k, phi>; flipping attribute k moves the logit by
+    2 <v_k, phi>. auxiliary (AC-GAN): the logit and K attribute logits from phi, (B, 1 + K)."""
+
+    def __init__(self, base: nn.Module, attributes: int, head: str, normed: bool) -> None:
+        super().__init__()
+        if head not in CONDITION_HEADS:
+            raise ValueError(f"model.condition_head must be one of {CONDITION_HEADS}, got {head!r}")
+        self.base, self.projection = base, head == "projection"
+        layer = (
+            nn.Linear(attributes, base.feature_dim, bias=False)
+            if self.projection
+            else nn.Linear(base.feature_dim, attributes)
+        )
+        self.conditions = spectral_norm(layer) if normed else layer
+
+    def forward(self, x: Tensor, labels: Tensor) -> Tensor:
+        """Images (B, 3, S, S) and labels (B, K) -> (B, 1) logits, or (B, 1 + K) with the auxiliary head."""
+        h = self.base.features(x)
+        if self.projection:
+            return self.base.head(h) + (self.conditions(2 * labels - 1) * h).sum(1, keepdim=True)
+        return torch.cat([self.base.head(h), self.conditions(h)], 1)
+
+
+def build_gan(
+    arch: str,
+    latent: int,
+    image_size: int,
+    width: int = 64,
+    conditions: int = 0,
+    embed: int = 64,
+    head: str = "projection",
+) -> tuple[nn.Module, nn.Module]:
     """(generator, discriminator) for `arch` in ARCHS; `width` sizes the DCGAN and the ResNets (the
-    study's model has fixed widths)."""
+    study's model has fixed widths). With `conditions` K > 0 they take K attributes too (G an
+    `embed`-wide embedding, D the `head` in CONDITION_HEADS)."""
+    G, D = _unconditional(arch, latent + (embed if conditions else 0), image_size, width)
+    if not conditions:
+        return G, D
+    return ConditionalGenerator(G, conditions, embed), ConditionalDiscriminator(D, conditions, head, arch != "paper")
+
+
+def _unconditional(arch: str, latent: int, image_size: int, width: int) -> tuple[nn.Module, nn.Module]:
     if arch == "paper":
         return PaperGenerator(latent, image_size), PaperDiscriminator(image_size)
     if arch == "dcgan":
@@ -234,12 +312,18 @@ def update_ema(ema: nn.Module, model: nn.Module, decay: float = 0.999) -> None:
 
 @torch.no_grad()
 def standing_statistics(
-    generator: nn.Module, latent: int, samples: int = 512, batch_size: int = 64, seed: int = 0
+    generator: nn.Module,
+    latent: int,
+    samples: int = 512,
+    batch_size: int = 64,
+    seed: int = 0,
+    labels: Tensor | None = None,
 ) -> None:
     """Recompute a generator's BatchNorm running statistics for its own weights (BigGAN's "standing
     statistics"): the EMA generator's were copied from G, measured on activations of other weights.
     The average over `samples` seeded latents, so that every rank computes the same ones; the
-    generator is left in eval mode. A generator without BatchNorm is left as it is."""
+    generator is left in eval mode. A generator without BatchNorm is left as it is. A conditional
+    one is asked for `labels`, (samples, K): the draws from the data it paints."""
     norms = [m for m in generator.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
         return
@@ -250,8 +334,9 @@ def standing_statistics(
     device = next(generator.parameters()).device
     draw = torch.Generator().manual_seed(seed)
     generator.train()
-    for _ in range(max(1, samples // batch_size)):
-        generator(torch.randn(batch_size, latent, generator=draw).to(device))
+    for i in range(max(1, samples // batch_size)):
+        z = torch.randn(batch_size, latent, generator=draw).to(device)
+        generator(z) if labels is None else generator(z, labels[i * batch_size : (i + 1) * batch_size].to(device))
     for m, momentum in zip(norms, momenta, strict=True):
         m.momentum = momentum
     generator.eval()

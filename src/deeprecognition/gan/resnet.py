@@ -129,8 +129,15 @@ class ResNetDiscriminator(nn.Module):
         linear = nn.Linear(c, 1)
         nn.init.xavier_uniform_(linear.weight, 1.0)
         self.linear = spectral_norm(linear)
+        self.feature_dim = c
+
+    def features(self, x: Tensor) -> Tensor:
+        """Images (B, 3, S, S) -> (B, feature_dim): the last block's ReLU, sum-pooled over the map."""
+        return F.relu(self.blocks(x)).sum(dim=(2, 3))
+
+    def head(self, h: Tensor) -> Tensor:
+        return self.linear(h)  # (B, 1)
 
     def forward(self, x: Tensor) -> Tensor:
         """Images (B, 3, S, S) in [-1, 1] -> logits (B, 1)."""
-        h = F.relu(self.blocks(x)).sum(dim=(2, 3))  # (B, c): global sum pooling
-        return self.linear(h)
+        return self.head(self.features(x))

@@ -29,7 +29,7 @@ import mmap
 import multiprocessing
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -95,6 +95,22 @@ def parse_where(text: str) -> dict[str, int]:
         attribute_index(name.strip())
         where[name.strip()] = int(value)
     return where
+
+
+def parse_conditions(text: str, attributes: Sequence[str], what: str) -> dict[str, int]:
+    """ "Smiling=1,Male=0" -> {"Smiling": 1, "Male": 0}, each name one of the model's `attributes`;
+    `what` (a flag or field) names the source in errors."""
+    try:
+        conditions = parse_where(text)
+    except ValueError as err:
+        raise ValueError(f"{what}: {err}") from None
+    unknown = [name for name in conditions if name not in attributes]
+    if unknown:
+        raise ValueError(
+            f"{what}: {', '.join(unknown)} is not among the model's {len(attributes)} attributes "
+            f"({', '.join(attributes)})"
+        )
+    return conditions
 
 
 def decode_images(payloads: list[memoryview], encoding: str) -> torch.Tensor:

@@ -51,8 +51,10 @@ SEARCHERS = ("random", "optuna")
 # What each loop reports to Ray Train, hence what a sweep can rank and stop trials by.
 METRICS = {
     "classifier": ("val/mean_accuracy", "val/exact_match", "train/loss", "train/mean_accuracy"),
-    "gan": ("fid", "kid", "loss/d", "loss/g"),
+    "gan": ("fid", "kid", "loss/d", "loss/g", "score/conditional", "control_mean_accuracy"),
 }
+# A conditional GAN's, reported only when its config asks for control (eval.control).
+CONTROL_METRICS = ("score/conditional", "control_mean_accuracy")
 
 
 def kind_of(cfg: ClassifierConfig | GanConfig) -> str:
@@ -249,6 +251,10 @@ def _metric(base: Any, metric: Any, mode: Any) -> None:
     known = METRICS[kind] + (tuple(f"val/acc/{a}" for a in base.attributes()) if kind == "classifier" else ())
     if metric not in known:
         raise ValueError(f"metric must be one the {kind} loop reports: {', '.join(known)}; got {metric!r}")
+    if metric in CONTROL_METRICS and not (base.eval.control and base.schedule.eval_every):
+        raise ValueError(
+            f"metric {metric} is reported by a conditional GAN with eval.control and schedule.eval_every set"
+        )
     if mode not in ("max", "min"):
         raise ValueError(f"mode must be max or min, got {mode!r}")
 
