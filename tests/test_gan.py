@@ -275,10 +275,13 @@ def test_the_rank_sync_check_sees_one_weight_off_on_one_rank(tmp_path, perturb):
     assert {(tmp_path / f"rank{r}").read_text() for r in range(2)} == {str(not perturb)}
 
 
-def test_bench_gan_measures_both_architectures(capsys):
-    assert main(["bench", "gan", "--size", "32", "--batch-sizes", "2", "--steps", "1", "--json"]) == 0
+def test_bench_gan_measures_both_architectures_and_a_conditional_one(capsys):
+    presets = ["--gan-presets", "paper-gan,dcgan,dcgan-conditional"]
+    assert main(["bench", "gan", "--size", "32", "--batch-sizes", "2", "--steps", "1", *presets, "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    assert [(r["arch"], r["batch_size"]) for r in report["results"]] == [("paper", 2), ("dcgan", 2)]
+    assert [(r["arch"], r["batch_size"]) for r in report["results"]] == [("paper", 2), ("dcgan", 2), ("dcgan", 2)]
+    plain, conditional = report["results"][1:]
+    assert conditional["params_g"] > plain["params_g"] and conditional["params_d"] > plain["params_d"]
     assert all(r["images_per_s"] > 0 and r["iterations_per_s"] > 0 for r in report["results"])
     assert report["image_size"] == 32 and report["device"]
 

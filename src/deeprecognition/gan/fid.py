@@ -136,8 +136,13 @@ def _folder_batches(folder: str, files: list[str]) -> Iterator[Tensor]:
 
 
 def _gan_batches(gan, samples: int) -> Iterator[Tensor]:
-    """`samples` faces from the evaluation latents (a run's own FID draws the same ones)."""
+    """`samples` faces from the evaluation latents (a run's own FID draws the same ones; a
+    conditional model's asked for the same label vectors, drawn from the data)."""
     from deeprecognition.gan.generate import face_batches
 
+    draw = gan.labels(samples, "", EVAL_SEED)
+    labels = draw.labels if draw is not None else None
     with torch.no_grad():
-        yield from face_batches(gan.generator, gan.config.model.latent, samples, EVAL_SEED, batch_size=BATCH)
+        yield from face_batches(
+            gan.generator, gan.config.model.latent, samples, EVAL_SEED, batch_size=BATCH, labels=labels
+        )

@@ -40,7 +40,9 @@ def grid_png(images: Tensor, labels: list[str] | None = None, columns: int | Non
         draw = ImageDraw.Draw(picture)
         for i, label in enumerate(labels):
             row, col = divmod(i, side)
-            draw.text((col * size + 4, row * size + 2), label, fill=(255, 255, 0))
+            at = (col * size + 4, row * size + 2)
+            draw.rectangle(draw.textbbox(at, label), fill=(0, 0, 0))  # readable on a white face too
+            draw.text(at, label, fill=(255, 255, 0))
     buf = io.BytesIO()
     picture.save(buf, format="PNG")
     return buf.getvalue()
