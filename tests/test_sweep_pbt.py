@@ -1,4 +1,4 @@
-"""Population-based training of the GAN: the gan_pbt smoke sweep (4 CPU trials, each a Ray Train
+"""Population-based training of the GAN: the gan_pbt smoke sweep (2 CPU trials, each a Ray Train
 run, synchronous PBT at iteration 10) exploits, each exploited trial continues in a run of its own
 from its donor's checkpoint with its new learning rates, `--json` lists the exploits, and the best
 schedule replays as one run."""
@@ -43,9 +43,9 @@ def test_gan_pbt_smoke_sweep_exploits_continue_from_the_donor_and_the_best_sched
     assert main(args) == 0
     out = json.loads(capsys.readouterr().out)
     sweep, trials = out["path"], {t["trial_id"]: t for t in out["trials"]}
-    assert len(trials) == 4 and all(t["progress"] == "15/15 iterations" for t in trials.values())
+    assert len(trials) == 2 and all(t["progress"] == "15/15 iterations" for t in trials.values())
     exploited = [t for t in trials.values() if t["exploits"]]
-    assert exploited  # synchronous PBT at iteration 10: the worse half takes the better half's checkpoints
+    assert exploited  # synchronous PBT at iteration 10: the worse takes the better's checkpoint
     for trial in exploited:
         (exploit,) = trial["exploits"]
         donor = trials[exploit["from_trial"]]
